@@ -1,0 +1,104 @@
+"""Wire a runtime from settings: pick adapters by URL, build the handlers.
+
+This is the one place that knows every adapter; the core knows only the ports.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from cqrskit.checkpoints import Checkpoints
+from cqrskit.command_handler import CommandHandler
+from cqrskit.config import Settings
+from cqrskit.errors import CqrskitError
+from cqrskit.ports import EventStore, Stream, ViewStore
+from cqrskit.query_handler import QueryHandler
+from cqrskit.registry import Domain, Registry
+from cqrskit.update_processor import RetryPolicy, UpdateProcessor
+
+
+def load_domains(spec: str) -> list[Domain]:
+    """Import `module` or `module:attribute` for each comma-separated entry."""
+    domains = []
+    for entry in filter(None, (part.strip() for part in spec.split(","))):
+        module_name, _, attribute = entry.partition(":")
+        module = importlib.import_module(module_name)
+        domain = getattr(module, attribute or "domain", None)
+        if not isinstance(domain, Domain):
+            raise CqrskitError(f"{entry!r} does not name a cqrskit Domain")
+        domains.append(domain)
+    return domains
+
+
+def open_event_store(url: str, settings: Settings) -> EventStore:
+    if url.startswith("sqlite:///"):
+        from cqrskit.stores.sqlite import SqliteEventStore
+
+        return SqliteEventStore.from_url(url, synchronous=settings.sqlite_synchronous)
+    raise CqrskitError(f"unsupported command DB URL {url!r}; this build supports sqlite:///path")
+
+
+async def open_view_store(url: str, settings: Settings, registry: Registry) -> ViewStore:
+    if url.startswith("sqlite:///"):
+        from cqrskit.stores.sqlite import SqliteViewStore
+
+        views = SqliteViewStore.from_url(url, synchronous=settings.sqlite_synchronous)
+        await views.setup(registry.collections())
+        return views
+    raise CqrskitError(f"unsupported query DB URL {url!r}; this build supports sqlite:///path")
+
+
+def open_stream(spec: str, store: EventStore) -> Stream:
+    if spec == "embedded":
+        from cqrskit.streams.embedded import EmbeddedStream
+
+        return EmbeddedStream(store)
+    raise CqrskitError(f"unsupported stream {spec!r}; this build supports 'embedded'")
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    registry: Registry
+    store: EventStore
+    views: ViewStore
+    stream: Stream
+    checkpoints: Checkpoints
+    commands: CommandHandler
+    queries: QueryHandler
+    processor: UpdateProcessor
+
+    async def close(self) -> None:
+        await self.processor.stop()
+        await self.stream.close()
+        await self.views.close()
+        await self.store.close()
+
+
+async def open_runtime(settings: Settings, registry: Registry | None = None) -> Runtime:
+    """Open the stores and stream and build the handlers; the processor is not started."""
+    registry = registry or Registry(load_domains(settings.domains))
+    store = open_event_store(settings.command_db_url, settings)
+    try:
+        views = await open_view_store(settings.query_db_url, settings, registry)
+    except BaseException:
+        await store.close()
+        raise
+    stream = open_stream(settings.stream, store)
+    checkpoints = Checkpoints(views)
+    retry = RetryPolicy(settings.retry_attempts, settings.retry_backoff)
+    return Runtime(
+        settings=settings,
+        registry=registry,
+        store=store,
+        views=views,
+        stream=stream,
+        checkpoints=checkpoints,
+        commands=CommandHandler(store, registry, cache_size=settings.aggregate_cache_size),
+        queries=QueryHandler(
+            registry, views, store, checkpoints,
+            consistency_timeout=settings.consistency_timeout,
+        ),
+        processor=UpdateProcessor(registry, views, stream, retry=retry, checkpoints=checkpoints),
+    )

@@ -1,0 +1,62 @@
+"""Where each projection has got to, and waiting for it to get somewhere.
+
+Update processors in this process report their progress here at once; progress
+made by other processes is picked up by polling the query DB while someone waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+
+from cqrskit.messages import ConsistencyToken
+from cqrskit.ports import ViewStore
+
+
+class Checkpoints:
+    def __init__(self, views: ViewStore, *, partitions: int = 1, poll_seconds: float = 0.05):
+        self.views = views
+        self.partitions = partitions
+        self.poll_seconds = poll_seconds
+        self.positions: dict[tuple[str, int], int] = {}
+        self._changed = asyncio.Event()
+
+    def advance(self, projection: str, partition: int, position: int) -> None:
+        key = (projection, partition)
+        if position > self.positions.get(key, 0):
+            self.positions[key] = position
+            self._changed.set()
+
+    def reset(self, projection: str) -> None:
+        for key in [k for k in self.positions if k[0] == projection]:
+            del self.positions[key]
+
+    async def refresh(self) -> dict[tuple[str, int], int]:
+        for (projection, partition), position in (await self.views.checkpoints()).items():
+            self.advance(projection, partition, position)
+        return self.positions
+
+    def reached(self, projections: Iterable[str], token: ConsistencyToken) -> bool:
+        partition = token.partition(self.partitions)
+        return all(self.positions.get((p, partition), 0) >= token.position for p in projections)
+
+    async def wait(
+        self, projections: Iterable[str], token: ConsistencyToken, timeout: float
+    ) -> bool:
+        """Wait until every named projection has processed the token; False on timeout."""
+        projections = list(projections)
+        if self.reached(projections, token):
+            return True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        await self.refresh()
+        while not self.reached(projections, token):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), min(remaining, self.poll_seconds))
+            except TimeoutError:
+                await self.refresh()
+        return True

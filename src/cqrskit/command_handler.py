@@ -1,0 +1,168 @@
+"""Handle a command end to end: load the aggregate, decide, append atomically."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import replace
+from collections import OrderedDict
+from typing import Any
+
+import orjson
+
+from cqrskit.aggregate import Aggregate
+from cqrskit.errors import CommandRejected, ConcurrencyConflict, IdempotencyKeyReused, NotFound
+from cqrskit.messages import Command, CommandResult, NewEvent, new_id
+from cqrskit.ports import AppendRequest, EventStore
+from cqrskit.registry import Registry
+
+log = logging.getLogger(__name__)
+
+# A conflict on a command that named no expected version is retried against the
+# fresh state: the caller asked for "apply this", not "apply this at version N".
+MAX_ATTEMPTS = 5
+
+
+def command_hash(command: Command) -> str:
+    """A digest of what the command asks, to tell a retry from a reused id."""
+    body = orjson.dumps(command.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
+    return hashlib.blake2b(command.name.encode() + b"\0" + body, digest_size=16).hexdigest()
+
+
+class AggregateCache:
+    """Recently used aggregates, so a command does not re-read its stream.
+
+    Safe across processes: a stale entry only makes the append fail with a
+    concurrency conflict, and a conflict evicts the entry and retries.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._entries: OrderedDict[str, Aggregate] = OrderedDict()
+
+    def get(self, stream_id: str) -> Aggregate | None:
+        aggregate = self._entries.get(stream_id)
+        if aggregate is not None:
+            self._entries.move_to_end(stream_id)
+        return aggregate
+
+    def put(self, aggregate: Aggregate) -> None:
+        if self.size <= 0:
+            return
+        self._entries[aggregate.id] = aggregate
+        self._entries.move_to_end(aggregate.id)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+    def evict(self, stream_id: str) -> None:
+        self._entries.pop(stream_id, None)
+
+
+class CommandHandler:
+    def __init__(self, store: EventStore, registry: Registry, *, cache_size: int = 10_000) -> None:
+        self.store = store
+        self.registry = registry
+        self.cache = AggregateCache(cache_size)
+        self._aggregates = {
+            command_type: aggregate
+            for domain in registry.domains
+            for command_type, aggregate in domain.commands.values()
+        }
+
+    async def handle(
+        self,
+        command: Command,
+        *,
+        command_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> CommandResult:
+        """Decide and store the command's events; return where they landed.
+
+        A `command_id` seen before returns the first result and stores nothing.
+        """
+        aggregate_type = self._aggregates.get(type(command))
+        if aggregate_type is None:
+            raise CommandRejected(f"no aggregate handles {type(command).__name__}")
+        if command_id is not None:
+            digest = command_hash(command)
+            stored = await self.store.get_command(command_id)
+            if stored is not None:
+                if stored.command_hash != digest:
+                    raise IdempotencyKeyReused(command_id)
+                return replace(stored.result, replayed=True)
+        else:
+            # A fresh id cannot come back with another command: no digest needed.
+            command_id, digest = new_id(), ""
+        metadata = {
+            "command_id": command_id,
+            "correlation_id": command_id,
+            "causation_id": command_id,
+            **(metadata or {}),
+        }
+        stream_id = command.target_id()
+        new_stream = stream_id is None
+        if new_stream:
+            if not command.creates:
+                raise CommandRejected(
+                    f"{command.name} needs the field {command.aggregate_id_field!r}"
+                )
+            stream_id = new_id()
+        assert stream_id is not None
+        expected = command.target_version()
+
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            if new_stream:
+                aggregate = aggregate_type(stream_id)
+            else:
+                aggregate = await self._load(aggregate_type, stream_id)
+            if expected is not None and aggregate.version != expected:
+                raise ConcurrencyConflict(stream_id, expected, aggregate.version)
+            events = aggregate.decide(command)
+            if not events:
+                return CommandResult(command_id, stream_id, aggregate.version, 0)
+            request = AppendRequest(
+                stream_id=stream_id,
+                stream_type=aggregate.stream_type,
+                expected_version=aggregate.version,
+                events=[
+                    NewEvent(e.type_name, e.model_dump(mode="json"), e.schema_version)
+                    for e in events
+                ],
+                metadata=metadata,
+                command_id=command_id,
+                command_hash=digest,
+            )
+            try:
+                result = await self.store.append(request)
+            except ConcurrencyConflict:
+                self.cache.evict(stream_id)
+                if expected is not None or attempt == MAX_ATTEMPTS:
+                    raise
+                log.debug("conflict on %s, attempt %d; retrying", stream_id, attempt)
+                continue
+            except BaseException:
+                self.cache.evict(stream_id)
+                raise
+            if result.replayed:
+                # A concurrent duplicate stored first: our decision was not stored.
+                self.cache.evict(stream_id)
+            else:
+                for event in events:
+                    aggregate.evolve(event)
+                self.cache.put(aggregate)
+            return result
+        raise AssertionError("unreachable")
+
+    async def _load(self, aggregate_type: type[Aggregate], stream_id: str) -> Aggregate:
+        cached = self.cache.get(stream_id)
+        if cached is not None and isinstance(cached, aggregate_type):
+            return cached
+        aggregate = aggregate_type(stream_id)
+        envelopes = await self.store.read_stream(stream_id)
+        if envelopes and envelopes[0].stream_type != aggregate.stream_type:
+            raise NotFound(f"no {aggregate.stream_type} with id {stream_id!r}")
+        for envelope in envelopes:
+            envelope = self.registry.upcast(envelope)
+            aggregate.evolve_stored(envelope.type, envelope.data)
+        self.cache.put(aggregate)
+        return aggregate

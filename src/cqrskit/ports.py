@@ -1,0 +1,216 @@
+"""The ports: what the core needs from a command DB, a query DB and an event stream.
+
+Adapters implement these for one technology each (`cqrskit.stores.*`,
+`cqrskit.streams.*`); the core only ever talks to these Protocols.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+from cqrskit.messages import CommandResult, Envelope, NewEvent
+
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class AppendRequest:
+    """The events one command decided, to be stored all or nothing."""
+
+    stream_id: str
+    stream_type: str
+    expected_version: int
+    events: list[NewEvent]
+    metadata: dict[str, Any]
+    command_id: str
+    command_hash: str
+
+
+@dataclass(slots=True, frozen=True)
+class StoredCommand:
+    """What the command DB remembers of an accepted command (for idempotency)."""
+
+    command_id: str
+    command_hash: str
+    result: CommandResult
+
+
+@dataclass(slots=True, frozen=True)
+class StreamHead:
+    stream_type: str
+    version: int
+
+
+class EventStore(Protocol):
+    """The command DB: an append-only log of events, one stream per aggregate."""
+
+    async def append(self, request: AppendRequest) -> CommandResult:
+        """Store the events atomically.
+
+        Raises `ConcurrencyConflict` when the stream is not at `expected_version`
+        and `IdempotencyKeyReused` when the command id was used for another
+        command. A command id seen before with the same hash returns the first
+        result and stores nothing.
+        """
+        ...
+
+    async def read_stream(self, stream_id: str) -> list[Envelope]: ...
+
+    async def read_all(self, after: int, limit: int) -> list[Envelope]:
+        """Events with position > `after`, in position order, at most `limit`."""
+        ...
+
+    async def last_position(self) -> int: ...
+
+    async def wait_for_append(self, after: int, timeout: float) -> None:
+        """Return once the log may hold events beyond `after`, or after `timeout`."""
+        ...
+
+    async def get_command(self, command_id: str) -> StoredCommand | None: ...
+
+    async def check(self) -> None:
+        """Raise if the store cannot serve requests (readiness)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(slots=True, frozen=True)
+class DeadLetter:
+    """An event a projection could not apply, or one queued behind it in its stream."""
+
+    id: int
+    projection: str
+    partition: int
+    stream_id: str
+    position: int
+    envelope: Envelope
+    error: str
+    attempts: int
+    is_cause: bool
+    parked_at: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "projection": self.projection,
+            "partition": self.partition,
+            "stream_id": self.stream_id,
+            "position": self.position,
+            "event_type": self.envelope.type,
+            "version": self.envelope.version,
+            "error": self.error,
+            "attempts": self.attempts,
+            "is_cause": self.is_cause,
+            "parked_at": self.parked_at,
+        }
+
+
+class ViewWriter(Protocol):
+    """What a projection may do to its views while applying events."""
+
+    def get(self, collection: str, doc_id: str) -> dict[str, Any] | None: ...
+
+    def put(self, collection: str, doc_id: str, doc: dict[str, Any]) -> None: ...
+
+    def delete(self, collection: str, doc_id: str) -> None: ...
+
+
+class UnitOfWork(ViewWriter, Protocol):
+    """One transaction on the query DB: view changes, checkpoints and dead letters."""
+
+    def checkpoint(self, projection: str, partition: int) -> int: ...
+
+    def set_checkpoint(self, projection: str, partition: int, position: int) -> None: ...
+
+    def parked_streams(self, projection: str) -> set[str]: ...
+
+    def park(
+        self, projection: str, partition: int, envelope: Envelope, error: str, *,
+        attempts: int, is_cause: bool,
+    ) -> None: ...
+
+    def dead_letters(self, projection: str, stream_id: str) -> list[DeadLetter]: ...
+
+    def remove_dead_letter(self, dead_letter_id: int) -> None: ...
+
+    def record_failure(self, dead_letter_id: int, error: str) -> None:
+        """A retried dead letter failed again: it becomes the cause, one more attempt."""
+        ...
+
+    def clear(self, collection: str) -> None: ...
+
+
+@dataclass(slots=True)
+class Page:
+    items: list[dict[str, Any]]
+    next_cursor: str | None
+
+
+@dataclass(slots=True, frozen=True)
+class Collection:
+    """A set of JSON documents; `indexed` names top-level fields to index for filters."""
+
+    name: str
+    indexed: Sequence[str] = field(default_factory=tuple)
+
+
+class ViewReader(Protocol):
+    """What a query may read: parameterised lookups only."""
+
+    async def get(self, collection: str, doc_id: str) -> dict[str, Any] | None: ...
+
+    async def find(
+        self,
+        collection: str,
+        filters: Mapping[str, Any],
+        *,
+        after: str | None = None,
+        limit: int = 50,
+        descending: bool = False,
+    ) -> Page:
+        """Documents whose fields equal `filters`, ordered by id, after the cursor.
+
+        A filter key is a dotted path of identifiers (`data.color`).
+        """
+        ...
+
+
+class ViewStore(ViewReader, Protocol):
+    """The query DB."""
+
+    async def setup(self, collections: Sequence[Collection]) -> None: ...
+
+    async def run(self, work: Callable[[UnitOfWork], T]) -> T:
+        """Run `work` in one transaction and commit it; roll back if it raises.
+
+        Transactions are serialised against every other writer of the store, so
+        a checkpoint read inside `work` is the one that will be overwritten.
+        """
+        ...
+
+    async def checkpoints(self) -> dict[tuple[str, int], int]: ...
+
+    async def list_dead_letters(self, projection: str | None = None) -> list[DeadLetter]: ...
+
+    async def get_dead_letter(self, dead_letter_id: int) -> DeadLetter | None: ...
+
+    async def check(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class Stream(Protocol):
+    """The event stream between the command DB and the update processors."""
+
+    async def publish(self, envelopes: Sequence[Envelope]) -> None: ...
+
+    def subscribe(
+        self, partition: int, partitions: int, after: int
+    ) -> AsyncIterator[list[Envelope]]:
+        """Batches of events of one partition with position > `after`, in order."""
+        ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,78 @@
+"""Serve queries from the views, waiting (bounded) for a client's own writes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from cqrskit.checkpoints import Checkpoints
+from cqrskit.errors import InvalidRequest, NotFound
+from cqrskit.messages import ConsistencyToken
+from cqrskit.ports import EventStore, ViewStore
+from cqrskit.registry import Query, Registry
+
+
+@dataclass(slots=True, frozen=True)
+class Answer:
+    result: Any
+    # None: no token was sent; True: the views had caught up; False: timed out.
+    fresh: bool | None
+
+
+class QueryHandler:
+    def __init__(
+        self,
+        registry: Registry,
+        views: ViewStore,
+        store: EventStore,
+        checkpoints: Checkpoints,
+        *,
+        consistency_timeout: float = 5.0,
+    ) -> None:
+        self.registry = registry
+        self.views = views
+        self.store = store
+        self.checkpoints = checkpoints
+        self.consistency_timeout = consistency_timeout
+
+    async def handle(self, query: Query, consistency_token: str | None = None) -> Answer:
+        fresh = None
+        if consistency_token:
+            try:
+                token = ConsistencyToken.decode(consistency_token)
+            except ValueError as error:
+                raise InvalidRequest(
+                    f"{error}; send the consistency_token a command returned"
+                ) from None
+            fresh = await self.checkpoints.wait(query.reads, token, self.consistency_timeout)
+        return Answer(await query.run(self.views), fresh)
+
+    async def command_status(self, command_id: str) -> dict[str, Any]:
+        """Whether a command's events have reached each view, from the checkpoints."""
+        stored = await self.store.get_command(command_id)
+        if stored is None:
+            raise NotFound(f"no command with id {command_id!r} was accepted")
+        result = stored.result
+        token = ConsistencyToken.for_event(result.stream_id, result.position)
+        positions = await self.checkpoints.refresh()
+        partition = token.partition(self.checkpoints.partitions)
+        projections: dict[str, str] = {}
+        for name in self.registry.projections:
+            if positions.get((name, partition), 0) < result.position:
+                projections[name] = "pending"
+                continue
+            parked = await self.views.list_dead_letters(name)
+            blocked = any(
+                d.stream_id == result.stream_id and d.position <= result.position for d in parked
+            )
+            projections[name] = "parked" if blocked else "projected"
+        states = set(projections.values())
+        overall = "projected" if states <= {"projected"} else (
+            "parked" if "parked" in states else "pending"
+        )
+        return {
+            **result.to_dict(),
+            "position": result.position,
+            "status": overall,
+            "projections": projections,
+        }

@@ -1,0 +1,782 @@
+"""SQLite adapters: the event store (command DB) and the view store (query DB).
+
+Each database file gets one writer thread that commits many concurrent writes in
+one transaction (group commit), and a small pool of reader threads. We use the
+stdlib driver directly: async wrappers that hop threads per statement are about
+ten times slower on this workload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import queue
+import re
+import sqlite3
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+
+from cqrskit.errors import (
+    ConcurrencyConflict,
+    CqrskitError,
+    IdempotencyKeyReused,
+    InvalidRequest,
+    Unavailable,
+)
+from cqrskit.messages import CommandResult, Envelope, utc_now
+from cqrskit.ports import AppendRequest, Collection, DeadLetter, Page, StoredCommand
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_PATH_SEGMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+_MAX_BATCH = 512
+
+
+def path_from_url(url: str) -> Path:
+    """`sqlite:///relative/or/absolute.db` → a filesystem path."""
+    if not url.startswith("sqlite:///"):
+        raise CqrskitError(f"not a sqlite URL: {url!r} (expected sqlite:///path/to/file.db)")
+    return Path(url.removeprefix("sqlite:///"))
+
+
+def _dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+# A batch handler runs many jobs of one kind in the open transaction and returns
+# one outcome per item: a result, or an exception meant for that item's caller
+# alone (raised before the item wrote anything). If the handler itself raises,
+# the group rolls back and each job is run again on its own.
+BatchHandler = Callable[[sqlite3.Connection, list[Any]], list[Any]]
+
+
+@dataclass(slots=True)
+class _Job:
+    handler: BatchHandler
+    item: Any
+    future: asyncio.Future[Any]
+
+
+class Database:
+    """One SQLite file in WAL mode: a group-committing writer and pooled readers."""
+
+    def __init__(
+        self, path: Path, *, synchronous: str = "FULL", readers: int = 2,
+        on_commit: Callable[[], None] | None = None,
+    ) -> None:
+        self.path = path
+        self.synchronous = synchronous
+        self._on_commit = on_commit
+        self._jobs: queue.SimpleQueue[list[_Job] | None] = queue.SimpleQueue()
+        self._pending: list[_Job] = []
+        self._readers = ThreadPoolExecutor(readers, thread_name_prefix=f"sqlite-read-{path.name}")
+        self._local = threading.local()
+        self._reader_connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self._writer_connection = self._connect()
+        self._writer = threading.Thread(
+            target=self._write_loop, name=f"sqlite-write-{path.name}", daemon=True
+        )
+        self._writer.start()
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, timeout=30
+        )
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={self.synchronous}")
+        conn.execute("PRAGMA busy_timeout=30000")
+        return conn
+
+    async def submit(self, handler: BatchHandler, item: Any) -> Any:
+        """Have `handler` process `item` in the next group-committed transaction."""
+        if self._closed:
+            raise Unavailable(f"database {self.path} is closed")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        if not self._pending:
+            # Hand jobs over once per loop iteration: callers woken together by the
+            # last commit then land in the same group instead of trickling in.
+            loop.call_soon(self._hand_over)
+        self._pending.append(_Job(handler, item, future))
+        return await future
+
+    def _hand_over(self) -> None:
+        jobs, self._pending = self._pending, []
+        self._jobs.put(jobs)
+
+    async def read(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        if self._closed:
+            raise Unavailable(f"database {self.path} is closed")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._readers, self._read, work)
+
+    def _read(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self._connect()
+            with self._lock:
+                self._reader_connections.append(conn)
+        return work(conn)
+
+    def _write_loop(self) -> None:
+        conn = self._writer_connection
+        stop = False
+        while not stop:
+            first = self._jobs.get()
+            if first is None:
+                break
+            jobs = first
+            while len(jobs) < _MAX_BATCH:
+                try:
+                    more = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                jobs.extend(more)
+            self._run_group(conn, jobs)
+        conn.close()
+
+    def _run_group(self, conn: sqlite3.Connection, jobs: list[_Job]) -> None:
+        outcomes: list[Any] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            start = 0
+            while start < len(jobs):
+                handler = jobs[start].handler
+                end = start + 1
+                while end < len(jobs) and jobs[end].handler is handler:
+                    end += 1
+                outcomes.extend(handler(conn, [job.item for job in jobs[start:end]]))
+                start = end
+            conn.execute("COMMIT")
+        except Exception as error:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            if len(jobs) > 1:
+                # Isolate the job that failed; the others commit.
+                for job in jobs:
+                    self._run_group(conn, [job])
+                return
+            outcomes = [_as_unavailable(error, self.path)]
+        if self._on_commit is not None:
+            self._on_commit()
+        loop = jobs[0].future.get_loop()
+        loop.call_soon_threadsafe(_settle_all, jobs, outcomes)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._jobs.put(None)
+        await asyncio.to_thread(self._writer.join)
+        self._readers.shutdown(wait=True)
+        with self._lock:
+            for conn in self._reader_connections:
+                conn.close()
+            self._reader_connections.clear()
+
+
+def _settle_all(jobs: list[_Job], outcomes: list[Any]) -> None:
+    for job, outcome in zip(jobs, outcomes, strict=True):
+        if job.future.done():
+            continue
+        if isinstance(outcome, Exception):
+            job.future.set_exception(outcome)
+        else:
+            job.future.set_result(outcome)
+
+
+def _as_unavailable(error: Exception, path: Path) -> Exception:
+    if isinstance(error, sqlite3.OperationalError):
+        log.error("sqlite write to %s failed: %s", path, error)
+        return Unavailable(f"the database {path.name} could not be written: {error}")
+    log.exception("sqlite write to %s failed", path, exc_info=error)
+    return error
+
+
+# ---------------------------------------------------------------- event store
+
+_EVENT_STORE_SCHEMA = [
+    """
+    CREATE TABLE IF NOT EXISTS events (
+        position INTEGER PRIMARY KEY,
+        event_id TEXT NOT NULL UNIQUE,
+        stream_id TEXT NOT NULL,
+        stream_type TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        type TEXT NOT NULL,
+        schema_version INTEGER NOT NULL,
+        data TEXT NOT NULL,
+        metadata TEXT NOT NULL,
+        recorded_at TEXT NOT NULL,
+        UNIQUE (stream_id, version)
+    );
+    CREATE TABLE IF NOT EXISTS commands (
+        command_id TEXT PRIMARY KEY,
+        command_hash TEXT NOT NULL,
+        stream_id TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        position INTEGER NOT NULL,
+        recorded_at TEXT NOT NULL
+    ) WITHOUT ROWID;
+    """,
+]
+
+_EVENT_COLUMNS = (
+    "event_id, stream_id, stream_type, version, position, type, schema_version, "
+    "data, metadata, recorded_at"
+)
+
+
+def _run_script(path: Path, script: str) -> None:
+    """Run DDL on a connection of its own; `executescript` would commit a group's work."""
+    conn = sqlite3.connect(path, isolation_level=None, timeout=30)
+    try:
+        conn.executescript(script)
+    finally:
+        conn.close()
+
+
+def _migrate(path: Path, migrations: Sequence[str]) -> None:
+    """Apply the migrations this file has not seen yet (tracked in user_version)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, timeout=30)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        current = conn.execute("PRAGMA user_version").fetchone()[0]
+    finally:
+        conn.close()
+    for number, script in enumerate(migrations, start=1):
+        if number > current:
+            _run_script(path, f"BEGIN IMMEDIATE; {script}; PRAGMA user_version={number}; COMMIT;")
+
+
+def _envelope(row: tuple[Any, ...]) -> Envelope:
+    return Envelope(
+        event_id=row[0],
+        stream_id=row[1],
+        stream_type=row[2],
+        version=row[3],
+        position=row[4],
+        type=row[5],
+        schema_version=row[6],
+        data=orjson.loads(row[7]),
+        metadata=orjson.loads(row[8]),
+        recorded_at=row[9],
+    )
+
+
+class SqliteEventStore:
+    """The command DB on one SQLite file. Positions follow commit order, with no gaps:
+    SQLite admits one writer at a time and positions are assigned inside its lock."""
+
+    def __init__(self, path: Path, *, synchronous: str = "FULL") -> None:
+        self._appended = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        _migrate(path, _EVENT_STORE_SCHEMA)
+        self.db = Database(path, synchronous=synchronous, on_commit=self._notify)
+
+    @classmethod
+    def from_url(cls, url: str, *, synchronous: str = "FULL") -> SqliteEventStore:
+        return cls(path_from_url(url), synchronous=synchronous)
+
+    def _notify(self) -> None:
+        self._loop.call_soon_threadsafe(self._appended.set)
+
+    async def append(self, request: AppendRequest) -> CommandResult:
+        result: CommandResult = await self.db.submit(_append_batch, request)
+        return result
+
+    async def read_stream(self, stream_id: str) -> list[Envelope]:
+        def work(conn: sqlite3.Connection) -> list[Envelope]:
+            rows = conn.execute(
+                f"SELECT {_EVENT_COLUMNS} FROM events WHERE stream_id = ? ORDER BY version",
+                (stream_id,),
+            ).fetchall()
+            return [_envelope(row) for row in rows]
+
+        return await self.db.read(work)
+
+    async def read_all(self, after: int, limit: int) -> list[Envelope]:
+        def work(conn: sqlite3.Connection) -> list[Envelope]:
+            rows = conn.execute(
+                f"SELECT {_EVENT_COLUMNS} FROM events WHERE position > ? "
+                "ORDER BY position LIMIT ?",
+                (after, limit),
+            ).fetchall()
+            return [_envelope(row) for row in rows]
+
+        return await self.db.read(work)
+
+    async def last_position(self) -> int:
+        def work(conn: sqlite3.Connection) -> int:
+            row = conn.execute("SELECT max(position) FROM events").fetchone()
+            return int(row[0] or 0)
+
+        return await self.db.read(work)
+
+    async def wait_for_append(self, after: int, timeout: float) -> None:
+        self._appended.clear()
+        if await self.last_position() > after:
+            return
+        try:
+            await asyncio.wait_for(self._appended.wait(), timeout)
+        except TimeoutError:
+            pass
+
+    async def get_command(self, command_id: str) -> StoredCommand | None:
+        def work(conn: sqlite3.Connection) -> StoredCommand | None:
+            return _stored_command(conn, command_id)
+
+        return await self.db.read(work)
+
+    async def check(self) -> None:
+        await self.db.read(lambda conn: conn.execute("SELECT 1 FROM events LIMIT 1").fetchall())
+
+    async def close(self) -> None:
+        await self.db.close()
+
+
+def _stored_command(conn: sqlite3.Connection, command_id: str) -> StoredCommand | None:
+    row = conn.execute(
+        "SELECT command_hash, stream_id, version, position FROM commands WHERE command_id = ?",
+        (command_id,),
+    ).fetchone()
+    if row is None:
+        return None
+    return StoredCommand(command_id, row[0], CommandResult(command_id, row[1], row[2], row[3]))
+
+
+def _in_clause(count: int) -> str:
+    return ",".join("?" * count)
+
+
+def _append_batch(conn: sqlite3.Connection, requests: list[AppendRequest]) -> list[Any]:
+    """Append many commands' events with a handful of statements for the whole group."""
+    outcomes: list[Any] = []
+    command_ids = list({r.command_id for r in requests})
+    stored = {
+        row[0]: row[1:]
+        for row in conn.execute(
+            "SELECT command_id, command_hash, stream_id, version, position FROM commands "
+            f"WHERE command_id IN ({_in_clause(len(command_ids))})",
+            command_ids,
+        )
+    }
+    stream_ids = list({r.stream_id for r in requests})
+    heads: dict[str, int] = dict(
+        conn.execute(
+            "SELECT stream_id, max(version) FROM events "
+            f"WHERE stream_id IN ({_in_clause(len(stream_ids))}) GROUP BY stream_id",
+            stream_ids,
+        ).fetchall()
+    )
+    last = conn.execute("SELECT max(position) FROM events").fetchone()[0] or 0
+    now = utc_now().isoformat()
+    event_rows: list[tuple[Any, ...]] = []
+    command_rows: list[tuple[Any, ...]] = []
+    for request in requests:
+        seen = stored.get(request.command_id)
+        if seen is not None:
+            if seen[0] != request.command_hash:
+                outcomes.append(IdempotencyKeyReused(request.command_id))
+            else:
+                outcomes.append(CommandResult(request.command_id, *seen[1:], replayed=True))
+            continue
+        current = heads.get(request.stream_id, 0)
+        if current != request.expected_version:
+            outcomes.append(
+                ConcurrencyConflict(request.stream_id, request.expected_version, current)
+            )
+            continue
+        metadata = _dumps(request.metadata)
+        for event in request.events:
+            current += 1
+            last += 1
+            event_rows.append((
+                event.event_id, request.stream_id, request.stream_type, current, last,
+                event.type, event.schema_version, _dumps(event.data), metadata, now,
+            ))
+        heads[request.stream_id] = current
+        stored[request.command_id] = (request.command_hash, request.stream_id, current, last)
+        command_rows.append(
+            (request.command_id, request.command_hash, request.stream_id, current, last, now)
+        )
+        outcomes.append(CommandResult(request.command_id, request.stream_id, current, last))
+    conn.executemany(
+        f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        event_rows,
+    )
+    conn.executemany(
+        "INSERT INTO commands (command_id, command_hash, stream_id, version, position, "
+        "recorded_at) VALUES (?, ?, ?, ?, ?, ?)",
+        command_rows,
+    )
+    return outcomes
+
+
+# ----------------------------------------------------------------- view store
+
+_VIEW_STORE_SCHEMA = [
+    """
+    CREATE TABLE IF NOT EXISTS checkpoints (
+        projection TEXT NOT NULL,
+        partition INTEGER NOT NULL,
+        position INTEGER NOT NULL,
+        updated_at TEXT NOT NULL,
+        PRIMARY KEY (projection, partition)
+    ) WITHOUT ROWID;
+    CREATE TABLE IF NOT EXISTS dead_letters (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        projection TEXT NOT NULL,
+        partition INTEGER NOT NULL,
+        stream_id TEXT NOT NULL,
+        position INTEGER NOT NULL,
+        envelope TEXT NOT NULL,
+        error TEXT NOT NULL,
+        attempts INTEGER NOT NULL,
+        is_cause INTEGER NOT NULL,
+        parked_at TEXT NOT NULL,
+        UNIQUE (projection, position)
+    );
+    CREATE INDEX IF NOT EXISTS dead_letters_by_stream
+        ON dead_letters (projection, stream_id, position);
+    """,
+]
+
+_DELETED = object()
+
+
+def _table(collection: str) -> str:
+    return f'"view_{collection}"'
+
+
+def _json_path(field: str) -> str:
+    segments = field.split(".")
+    if not all(_PATH_SEGMENT.match(s) for s in segments):
+        raise InvalidRequest(
+            f"field {field!r} is not a dotted path of identifiers (letters, digits, _)"
+        )
+    return "$." + ".".join(segments)
+
+
+def _dead_letter(row: tuple[Any, ...]) -> DeadLetter:
+    return DeadLetter(
+        id=row[0], projection=row[1], partition=row[2], stream_id=row[3], position=row[4],
+        envelope=Envelope.from_dict(orjson.loads(row[5])), error=row[6], attempts=row[7],
+        is_cause=bool(row[8]), parked_at=row[9],
+    )
+
+
+_DEAD_LETTER_COLUMNS = (
+    "id, projection, partition, stream_id, position, envelope, error, attempts, is_cause, parked_at"
+)
+
+
+class SqliteUnitOfWork:
+    """Buffers every change in memory and writes it in a few statements at the end.
+
+    Reads see the buffered changes first, so a batch that creates and then updates
+    a document reads its own writes without a round trip.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, known: set[str]) -> None:
+        self.conn = conn
+        self.known = known
+        self.docs: dict[tuple[str, str], Any] = {}
+        self.checkpoints: dict[tuple[str, int], int] = {}
+        self.parked: list[tuple[Any, ...]] = []
+        self.removed: list[int] = []
+        self.failures: list[tuple[str, int]] = []
+        self.cleared: list[str] = []
+
+    def _check(self, collection: str) -> None:
+        if collection not in self.known:
+            raise CqrskitError(f"collection {collection!r} is not declared by any projection")
+
+    def get(self, collection: str, doc_id: str) -> dict[str, Any] | None:
+        key = (collection, doc_id)
+        if key in self.docs:
+            doc = self.docs[key]
+            return None if doc is _DELETED else doc  # type: ignore[no-any-return]
+        self._check(collection)
+        if collection in self.cleared:
+            return None
+        row = self.conn.execute(
+            f"SELECT doc FROM {_table(collection)} WHERE id = ?", (doc_id,)
+        ).fetchone()
+        doc = orjson.loads(row[0]) if row else None
+        if doc is not None:
+            self.docs[key] = doc
+        return doc
+
+    def put(self, collection: str, doc_id: str, doc: dict[str, Any]) -> None:
+        self._check(collection)
+        self.docs[(collection, doc_id)] = doc
+
+    def delete(self, collection: str, doc_id: str) -> None:
+        self._check(collection)
+        self.docs[(collection, doc_id)] = _DELETED
+
+    def checkpoint(self, projection: str, partition: int) -> int:
+        key = (projection, partition)
+        if key in self.checkpoints:
+            return self.checkpoints[key]
+        row = self.conn.execute(
+            "SELECT position FROM checkpoints WHERE projection = ? AND partition = ?", key
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def set_checkpoint(self, projection: str, partition: int, position: int) -> None:
+        self.checkpoints[(projection, partition)] = position
+
+    def parked_streams(self, projection: str) -> set[str]:
+        rows = self.conn.execute(
+            "SELECT DISTINCT stream_id FROM dead_letters WHERE projection = ?", (projection,)
+        ).fetchall()
+        return {row[0] for row in rows} | {
+            p[2] for p in self.parked if p[0] == projection
+        }
+
+    def park(
+        self, projection: str, partition: int, envelope: Envelope, error: str, *,
+        attempts: int, is_cause: bool,
+    ) -> None:
+        self.parked.append((
+            projection, partition, envelope.stream_id, envelope.position,
+            _dumps(envelope.to_dict()), error, attempts, int(is_cause), utc_now().isoformat(),
+        ))
+
+    def dead_letters(self, projection: str, stream_id: str) -> list[DeadLetter]:
+        rows = self.conn.execute(
+            f"SELECT {_DEAD_LETTER_COLUMNS} FROM dead_letters "
+            "WHERE projection = ? AND stream_id = ? ORDER BY position",
+            (projection, stream_id),
+        ).fetchall()
+        return [_dead_letter(row) for row in rows if row[0] not in self.removed]
+
+    def remove_dead_letter(self, dead_letter_id: int) -> None:
+        self.removed.append(dead_letter_id)
+
+    def record_failure(self, dead_letter_id: int, error: str) -> None:
+        self.failures.append((error, dead_letter_id))
+
+    def clear(self, collection: str) -> None:
+        self._check(collection)
+        self.cleared.append(collection)
+        for key in [k for k in self.docs if k[0] == collection]:
+            del self.docs[key]
+
+    def flush(self) -> None:
+        conn = self.conn
+        for collection in self.cleared:
+            conn.execute(f"DELETE FROM {_table(collection)}")
+        upserts: dict[str, list[tuple[str, str]]] = {}
+        deletes: dict[str, list[tuple[str]]] = {}
+        for (collection, doc_id), doc in self.docs.items():
+            if doc is _DELETED:
+                deletes.setdefault(collection, []).append((doc_id,))
+            else:
+                upserts.setdefault(collection, []).append((doc_id, _dumps(doc)))
+        for collection, rows in upserts.items():
+            conn.executemany(
+                f"INSERT INTO {_table(collection)} (id, doc) VALUES (?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET doc = excluded.doc",
+                rows,
+            )
+        for collection, keys in deletes.items():
+            conn.executemany(f"DELETE FROM {_table(collection)} WHERE id = ?", keys)
+        if self.removed:
+            conn.executemany(
+                "DELETE FROM dead_letters WHERE id = ?", [(i,) for i in self.removed]
+            )
+        if self.failures:
+            conn.executemany(
+                "UPDATE dead_letters SET error = ?, attempts = attempts + 1, is_cause = 1 "
+                "WHERE id = ?",
+                self.failures,
+            )
+        if self.parked:
+            conn.executemany(
+                "INSERT INTO dead_letters (projection, partition, stream_id, position, "
+                "envelope, error, attempts, is_cause, parked_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                self.parked,
+            )
+        if self.checkpoints:
+            now = utc_now().isoformat()
+            conn.executemany(
+                "INSERT INTO checkpoints (projection, partition, position, updated_at) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (projection, partition) "
+                "DO UPDATE SET position = excluded.position, updated_at = excluded.updated_at",
+                [(p, part, pos, now) for (p, part), pos in self.checkpoints.items()],
+            )
+
+
+class SqliteViewStore:
+    """The query DB on one SQLite file: one table of JSON documents per collection."""
+
+    def __init__(self, path: Path, *, synchronous: str = "FULL") -> None:
+        _migrate(path, _VIEW_STORE_SCHEMA)
+        self.db = Database(path, synchronous=synchronous)
+        self.collections: dict[str, Collection] = {}
+
+    @classmethod
+    def from_url(cls, url: str, *, synchronous: str = "FULL") -> SqliteViewStore:
+        return cls(path_from_url(url), synchronous=synchronous)
+
+    async def setup(self, collections: Sequence[Collection]) -> None:
+        statements = []
+        for collection in collections:
+            self.collections[collection.name] = collection
+            table = _table(collection.name)
+            statements.append(
+                f"CREATE TABLE IF NOT EXISTS {table} (id TEXT PRIMARY KEY, doc TEXT NOT NULL) "
+                "WITHOUT ROWID;"
+            )
+            for field in collection.indexed:
+                path = _json_path(field)
+                index = f'"ix_{collection.name}_{field.replace(".", "_")}"'
+                statements.append(
+                    f"CREATE INDEX IF NOT EXISTS {index} ON {table} "
+                    f"(json_extract(doc, '{path}'), id);"
+                )
+        script = "\n".join(statements)
+        await asyncio.to_thread(_run_script, self.db.path, f"BEGIN IMMEDIATE; {script} COMMIT;")
+
+    async def run(self, work: Callable[[SqliteUnitOfWork], T]) -> T:
+        result: T = await self.db.submit(self._run_units, work)
+        return result
+
+    def _run_units(
+        self, conn: sqlite3.Connection, works: list[Callable[[SqliteUnitOfWork], Any]]
+    ) -> list[Any]:
+        outcomes: list[Any] = []
+        for work in works:
+            uow = SqliteUnitOfWork(conn, set(self.collections))
+            try:
+                result = work(uow)
+            except Exception as error:
+                # Nothing was written yet: the unit of work buffers until flush.
+                outcomes.append(error)
+                continue
+            uow.flush()
+            outcomes.append(result)
+        return outcomes
+
+    async def get(self, collection: str, doc_id: str) -> dict[str, Any] | None:
+        self._known(collection)
+
+        def work(conn: sqlite3.Connection) -> dict[str, Any] | None:
+            row = conn.execute(
+                f"SELECT doc FROM {_table(collection)} WHERE id = ?", (doc_id,)
+            ).fetchone()
+            return orjson.loads(row[0]) if row else None
+
+        return await self.db.read(work)
+
+    async def find(
+        self,
+        collection: str,
+        filters: Mapping[str, Any],
+        *,
+        after: str | None = None,
+        limit: int = 50,
+        descending: bool = False,
+    ) -> Page:
+        indexed = set(self._known(collection).indexed)
+        clauses: list[str] = []
+        params: list[Any] = []
+        for field, value in filters.items():
+            path = _json_path(field)
+            if isinstance(value, (dict, list)):
+                raise InvalidRequest(f"filter on {field!r} must compare with a scalar value")
+            operator = "IS" if value is None else "="
+            if field in indexed:
+                # A literal path (validated above) lets SQLite use the expression index.
+                clauses.append(f"json_extract(doc, '{path}') {operator} ?")
+            else:
+                clauses.append(f"json_extract(doc, ?) {operator} ?")
+                params.append(path)
+            params.append(value)
+        if after is not None:
+            clauses.append("id < ?" if descending else "id > ?")
+            params.append(decode_cursor(after))
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        params.append(limit + 1)
+        order = "DESC" if descending else "ASC"
+        sql = f"SELECT id, doc FROM {_table(collection)} {where} ORDER BY id {order} LIMIT ?"
+
+        def work(conn: sqlite3.Connection) -> Page:
+            rows = conn.execute(sql, params).fetchall()
+            more = len(rows) > limit
+            rows = rows[:limit]
+            cursor = encode_cursor(rows[-1][0]) if more else None
+            return Page([orjson.loads(row[1]) for row in rows], cursor)
+
+        return await self.db.read(work)
+
+    def _known(self, collection: str) -> Collection:
+        try:
+            return self.collections[collection]
+        except KeyError:
+            raise CqrskitError(f"collection {collection!r} is not set up") from None
+
+    async def checkpoints(self) -> dict[tuple[str, int], int]:
+        def work(conn: sqlite3.Connection) -> dict[tuple[str, int], int]:
+            rows = conn.execute("SELECT projection, partition, position FROM checkpoints")
+            return {(row[0], row[1]): row[2] for row in rows}
+
+        return await self.db.read(work)
+
+    async def list_dead_letters(self, projection: str | None = None) -> list[DeadLetter]:
+        def work(conn: sqlite3.Connection) -> list[DeadLetter]:
+            sql = f"SELECT {_DEAD_LETTER_COLUMNS} FROM dead_letters"
+            if projection is None:
+                rows = conn.execute(sql + " ORDER BY projection, position").fetchall()
+            else:
+                rows = conn.execute(
+                    sql + " WHERE projection = ? ORDER BY position", (projection,)
+                ).fetchall()
+            return [_dead_letter(row) for row in rows]
+
+        return await self.db.read(work)
+
+    async def get_dead_letter(self, dead_letter_id: int) -> DeadLetter | None:
+        def work(conn: sqlite3.Connection) -> DeadLetter | None:
+            row = conn.execute(
+                f"SELECT {_DEAD_LETTER_COLUMNS} FROM dead_letters WHERE id = ?",
+                (dead_letter_id,),
+            ).fetchone()
+            return _dead_letter(row) if row else None
+
+        return await self.db.read(work)
+
+    async def check(self) -> None:
+        await self.db.read(lambda conn: conn.execute("SELECT 1 FROM checkpoints LIMIT 1").fetchall())
+
+    async def close(self) -> None:
+        await self.db.close()
+
+
+def encode_cursor(doc_id: str) -> str:
+    return base64.urlsafe_b64encode(doc_id.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> str:
+    try:
+        return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except ValueError:
+        raise InvalidRequest(f"cursor {cursor!r} is not one this service handed out") from None

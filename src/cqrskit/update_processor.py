@@ -1,0 +1,330 @@
+"""Consume the event stream, run projections, checkpoint, retry and dead-letter.
+
+Guarantees, per projection and partition:
+- a batch's view changes and its checkpoint commit in one transaction, and the
+  checkpoint is read inside that transaction, so a replayed or duplicated event
+  changes nothing (at-least-once delivery, exactly-once effect);
+- events of one stream are applied in version order: once an event of a stream
+  is parked in the dead-letter queue, the later events of that stream are parked
+  behind it, while other streams go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from cqrskit.checkpoints import Checkpoints
+from cqrskit.errors import NotFound
+from cqrskit.messages import Envelope
+from cqrskit.ports import DeadLetter, Stream, UnitOfWork, ViewStore
+from cqrskit.registry import Projection, Registry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    attempts: int = 3
+    backoff_seconds: float = 0.1
+
+    def delay(self, attempt: int) -> float:
+        return float(self.backoff_seconds * 2 ** (attempt - 1))
+
+
+class _EventFailed(Exception):
+    def __init__(self, index: int, error: Exception) -> None:
+        super().__init__(str(error))
+        self.index = index
+        self.error = error
+
+
+class _CheckpointBehind(Exception):
+    """The stored checkpoint is behind what this runner read (a rebuild reset it)."""
+
+    def __init__(self, checkpoint: int) -> None:
+        super().__init__(f"checkpoint moved back to {checkpoint}")
+        self.checkpoint = checkpoint
+
+
+def describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+class ProjectionRunner:
+    """Applies one projection to one partition of the stream."""
+
+    def __init__(
+        self,
+        projection: Projection,
+        registry: Registry,
+        views: ViewStore,
+        *,
+        partition: int = 0,
+        retry: RetryPolicy = RetryPolicy(),
+        checkpoints: Checkpoints | None = None,
+    ) -> None:
+        self.projection = projection
+        self.registry = registry
+        self.views = views
+        self.partition = partition
+        self.retry = retry
+        self.checkpoints = checkpoints
+        self.position = 0
+
+    @property
+    def name(self) -> str:
+        return self.projection.name
+
+    async def follow(
+        self, stream: Stream, partitions: int, *, until: int | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        """Apply the stream from the stored checkpoint on; return once past `until`."""
+        while True:
+            stored = (await self.views.checkpoints()).get((self.name, self.partition), 0)
+            self.position = stored
+            if until is not None and stored >= until:
+                return
+            try:
+                async for batch in stream.subscribe(self.partition, partitions, stored):
+                    await self.process(batch)
+                    if progress is not None:
+                        progress(self.position)
+                    if until is not None and self.position >= until:
+                        return
+            except _CheckpointBehind as moved:
+                log.info("%s/%d: checkpoint reset to %d; following from there",
+                         self.name, self.partition, moved.checkpoint)
+                if self.checkpoints is not None:
+                    self.checkpoints.reset(self.name)
+
+    async def process(self, batch: Sequence[Envelope]) -> None:
+        """Apply a batch: in one transaction when it all succeeds, else event by event."""
+        if not batch:
+            return
+        try:
+            await self._commit(batch)
+            return
+        except _EventFailed as failed:
+            index, first_error = failed.index, failed.error
+        if index:
+            await self._commit(batch[:index])
+        await self._retry_or_park(batch[index], first_error)
+        await self.process(batch[index + 1 :])
+
+    async def _commit(self, batch: Sequence[Envelope]) -> None:
+        after = self.position
+        position = await self.views.run(lambda uow: self._apply(uow, batch, after))
+        self._advanced(position)
+
+    def _advanced(self, position: int) -> None:
+        self.position = position
+        if self.checkpoints is not None:
+            self.checkpoints.advance(self.name, self.partition, position)
+
+    def _apply(self, uow: UnitOfWork, batch: Sequence[Envelope], after: int) -> int:
+        stored = uow.checkpoint(self.name, self.partition)
+        if stored < after:
+            raise _CheckpointBehind(stored)
+        parked = uow.parked_streams(self.name)
+        for index, envelope in enumerate(batch):
+            if envelope.position <= stored:
+                continue
+            if envelope.stream_id in parked:
+                uow.park(
+                    self.name, self.partition, envelope,
+                    "queued behind an earlier event of this stream in the dead-letter queue",
+                    attempts=0, is_cause=False,
+                )
+                continue
+            if self.projection.handles(envelope.type):
+                try:
+                    self.projection.apply(self.registry.upcast(envelope), uow)
+                except Exception as error:
+                    raise _EventFailed(index, error) from error
+        position = max(stored, batch[-1].position)
+        uow.set_checkpoint(self.name, self.partition, position)
+        return position
+
+    async def _retry_or_park(self, envelope: Envelope, error: Exception) -> None:
+        for attempt in range(1, self.retry.attempts):
+            log.warning(
+                "%s failed on %s %s v%d (position %d), attempt %d of %d: %s",
+                self.name, envelope.type, envelope.stream_id, envelope.version,
+                envelope.position, attempt, self.retry.attempts, describe(error),
+            )
+            await asyncio.sleep(self.retry.delay(attempt))
+            try:
+                await self._commit([envelope])
+                return
+            except _EventFailed as failed:
+                error = failed.error
+        log.error(
+            "%s parked %s %s v%d (position %d) after %d attempts: %s",
+            self.name, envelope.type, envelope.stream_id, envelope.version,
+            envelope.position, self.retry.attempts, describe(error), exc_info=error,
+        )
+        after = self.position
+
+        def park(uow: UnitOfWork) -> int:
+            stored = uow.checkpoint(self.name, self.partition)
+            if stored < after:
+                raise _CheckpointBehind(stored)
+            if stored >= envelope.position:
+                return stored
+            uow.park(self.name, self.partition, envelope, describe(error),
+                     attempts=self.retry.attempts, is_cause=True)
+            uow.set_checkpoint(self.name, self.partition, envelope.position)
+            return envelope.position
+
+        self._advanced(await self.views.run(park))
+
+
+class UpdateProcessor:
+    """Runs every projection of the registry over the partitions it owns."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        views: ViewStore,
+        stream: Stream,
+        *,
+        partitions: int = 1,
+        owned: Sequence[int] = (0,),
+        retry: RetryPolicy = RetryPolicy(),
+        checkpoints: Checkpoints | None = None,
+        restart_seconds: float = 1.0,
+    ) -> None:
+        self.registry = registry
+        self.views = views
+        self.stream = stream
+        self.partitions = partitions
+        self.restart_seconds = restart_seconds
+        self.runners = [
+            ProjectionRunner(projection, registry, views, partition=partition,
+                             retry=retry, checkpoints=checkpoints)
+            for projection in registry.projections.values()
+            for partition in owned
+        ]
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._supervise(runner), name=f"projection-{runner.name}")
+            for runner in self.runners
+        ]
+
+    async def _supervise(self, runner: ProjectionRunner) -> None:
+        while True:
+            try:
+                await runner.follow(self.stream, self.partitions)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception(
+                    "projection %s (partition %d) stopped at position %d; restarting in %.1fs",
+                    runner.name, runner.partition, runner.position, self.restart_seconds,
+                )
+                await asyncio.sleep(self.restart_seconds)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+
+# ------------------------------------------------------- operator actions
+
+
+async def rebuild(
+    projection: Projection,
+    registry: Registry,
+    views: ViewStore,
+    stream: Stream,
+    until: int,
+    *,
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Empty the projection's views and replay the log into them up to `until`."""
+
+    def reset(uow: UnitOfWork) -> None:
+        for collection in projection.collections:
+            uow.clear(collection.name)
+        for stream_id in uow.parked_streams(projection.name):
+            for dead_letter in uow.dead_letters(projection.name, stream_id):
+                uow.remove_dead_letter(dead_letter.id)
+        uow.set_checkpoint(projection.name, 0, 0)
+
+    await views.run(reset)
+    runner = ProjectionRunner(projection, registry, views)
+    await runner.follow(stream, 1, until=until, progress=progress)
+    return runner.position
+
+
+@dataclass(frozen=True, slots=True)
+class RetryOutcome:
+    applied: int
+    remaining: int
+    error: str | None
+
+
+async def retry_dead_letters(
+    registry: Registry, views: ViewStore, dead_letter_id: int
+) -> RetryOutcome:
+    """Re-apply the parked events of the dead letter's stream, oldest first.
+
+    Stops at the first event that fails again; it stays at the head of the queue.
+    """
+    first = await _dead_letter(views, dead_letter_id)
+    projection = registry.projection(first.projection)
+    applied = 0
+    while True:
+
+        def step(uow: UnitOfWork) -> int | None:
+            """Apply the head of the stream's queue; return how many are left behind it."""
+            queued = uow.dead_letters(projection.name, first.stream_id)
+            if not queued:
+                return None
+            head = queued[0]
+            try:
+                projection.apply(registry.upcast(head.envelope), uow)
+            except Exception as error:
+                raise _EventFailed(head.id, error) from error
+            uow.remove_dead_letter(head.id)
+            return len(queued) - 1
+
+        try:
+            remaining = await views.run(step)
+        except _EventFailed as failed:
+            message = describe(failed.error)
+            await views.run(lambda uow: uow.record_failure(failed.index, message))
+            left = await views.list_dead_letters(projection.name)
+            return RetryOutcome(
+                applied, sum(d.stream_id == first.stream_id for d in left), message
+            )
+        if remaining is None:
+            return RetryOutcome(applied, 0, None)
+        applied += 1
+        if remaining == 0:
+            return RetryOutcome(applied, 0, None)
+
+
+async def skip_dead_letter(views: ViewStore, dead_letter_id: int) -> DeadLetter:
+    """Drop one parked event for good; the projection will never apply it."""
+    dead_letter = await _dead_letter(views, dead_letter_id)
+    await views.run(lambda uow: uow.remove_dead_letter(dead_letter.id))
+    log.warning("dead letter %d skipped: %s %s v%d for %s", dead_letter.id,
+                dead_letter.envelope.type, dead_letter.stream_id, dead_letter.envelope.version,
+                dead_letter.projection)
+    return dead_letter
+
+
+async def _dead_letter(views: ViewStore, dead_letter_id: int) -> DeadLetter:
+    dead_letter = await views.get_dead_letter(dead_letter_id)
+    if dead_letter is None:
+        raise NotFound(f"no dead letter with id {dead_letter_id}")
+    return dead_letter
