@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import replace
 from collections import OrderedDict
+from dataclasses import replace
 from typing import Any
 
 import orjson

@@ -117,7 +117,9 @@ class Domain:
             raise CqrskitError(f"projection name {cls.name!r} must match {_NAME.pattern}")
         for collection in cls.collections:
             if not _NAME.match(collection.name):
-                raise CqrskitError(f"collection name {collection.name!r} must match {_NAME.pattern}")
+                raise CqrskitError(
+                    f"collection name {collection.name!r} must match {_NAME.pattern}"
+                )
         self.projections.append(cls())
         return cls
 

@@ -15,6 +15,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 from cqrskit.checkpoints import Checkpoints
 from cqrskit.errors import NotFound
@@ -301,7 +302,7 @@ async def retry_dead_letters(
             remaining = await views.run(step)
         except _EventFailed as failed:
             message = describe(failed.error)
-            await views.run(lambda uow: uow.record_failure(failed.index, message))
+            await views.run(partial(_record_failure, dead_letter_id=failed.index, error=message))
             left = await views.list_dead_letters(projection.name)
             return RetryOutcome(
                 applied, sum(d.stream_id == first.stream_id for d in left), message
@@ -311,6 +312,10 @@ async def retry_dead_letters(
         applied += 1
         if remaining == 0:
             return RetryOutcome(applied, 0, None)
+
+
+def _record_failure(uow: UnitOfWork, *, dead_letter_id: int, error: str) -> None:
+    uow.record_failure(dead_letter_id, error)
 
 
 async def skip_dead_letter(views: ViewStore, dead_letter_id: int) -> DeadLetter:

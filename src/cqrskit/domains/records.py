@@ -224,7 +224,9 @@ def parse_filter(text: str) -> tuple[str, Any]:
     except orjson.JSONDecodeError:
         value = raw
     if isinstance(value, (dict, list)):
-        raise InvalidRequest(f"filter {text!r} must compare with a string, number, true, false or null")
+        raise InvalidRequest(
+            f"filter {text!r} must compare with a string, number, true, false or null"
+        )
     return f"data.{field}", value
 
 

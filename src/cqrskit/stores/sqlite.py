@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import queue
 import re
@@ -331,10 +332,8 @@ class SqliteEventStore:
         self._appended.clear()
         if await self.last_position() > after:
             return
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._appended.wait(), timeout)
-        except TimeoutError:
-            pass
 
     async def get_command(self, command_id: str) -> StoredCommand | None:
         def work(conn: sqlite3.Connection) -> StoredCommand | None:
@@ -393,7 +392,10 @@ def _append_batch(conn: sqlite3.Connection, requests: list[AppendRequest]) -> li
             if seen[0] != request.command_hash:
                 outcomes.append(IdempotencyKeyReused(request.command_id))
             else:
-                outcomes.append(CommandResult(request.command_id, *seen[1:], replayed=True))
+                stream_id, version, position = seen[1:]
+                outcomes.append(
+                    CommandResult(request.command_id, stream_id, version, position, replayed=True)
+                )
             continue
         current = heads.get(request.stream_id, 0)
         if current != request.expected_version:
@@ -510,7 +512,7 @@ class SqliteUnitOfWork:
         key = (collection, doc_id)
         if key in self.docs:
             doc = self.docs[key]
-            return None if doc is _DELETED else doc  # type: ignore[no-any-return]
+            return None if doc is _DELETED else doc
         self._check(collection)
         if collection in self.cleared:
             return None
@@ -765,7 +767,7 @@ class SqliteViewStore:
         return await self.db.read(work)
 
     async def check(self) -> None:
-        await self.db.read(lambda conn: conn.execute("SELECT 1 FROM checkpoints LIMIT 1").fetchall())
+        await self.db.read(lambda c: c.execute("SELECT 1 FROM checkpoints LIMIT 1").fetchall())
 
     async def close(self) -> None:
         await self.db.close()
