@@ -73,9 +73,14 @@ class NewEvent:
     event_id: str = field(default_factory=new_id)
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Envelope:
-    """A stored event with everything needed to route, order and trace it."""
+    """A stored event with everything needed to route, order and trace it.
+
+    Not frozen: a frozen dataclass's __init__ costs several times more, and
+    envelopes are built by the hundred thousand when a projection is rebuilt.
+    Treat it as immutable all the same.
+    """
 
     event_id: str
     stream_id: str

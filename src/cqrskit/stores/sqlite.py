@@ -265,17 +265,11 @@ def _migrate(path: Path, migrations: Sequence[str]) -> None:
 
 
 def _envelope(row: tuple[Any, ...]) -> Envelope:
+    # Positional: the column order of _EVENT_COLUMNS is the field order of Envelope.
+    loads = orjson.loads
     return Envelope(
-        event_id=row[0],
-        stream_id=row[1],
-        stream_type=row[2],
-        version=row[3],
-        position=row[4],
-        type=row[5],
-        schema_version=row[6],
-        data=orjson.loads(row[7]),
-        metadata=orjson.loads(row[8]),
-        recorded_at=row[9],
+        row[0], row[1], row[2], row[3], row[4], row[5], row[6],
+        loads(row[7]), loads(row[8]), row[9],
     )
 
 
