@@ -32,9 +32,11 @@ class Checkpoints:
             del self.positions[key]
 
     async def refresh(self) -> dict[tuple[str, int], int]:
-        for (projection, partition), position in (await self.views.checkpoints()).items():
-            self.advance(projection, partition, position)
-        return self.positions
+        """Take the stored checkpoints as the truth: a rebuild may have moved one back."""
+        stored = await self.views.checkpoints()
+        self.positions = stored
+        self._changed.set()
+        return stored
 
     def reached(self, projections: Iterable[str], token: ConsistencyToken) -> bool:
         partition = token.partition(self.partitions)
@@ -45,10 +47,9 @@ class Checkpoints:
     ) -> bool:
         """Wait until every named projection has processed the token; False on timeout."""
         projections = list(projections)
-        if self.reached(projections, token):
-            return True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        # Always ask the store once: memory may be ahead of a rebuild elsewhere.
         await self.refresh()
         while not self.reached(projections, token):
             remaining = deadline - loop.time()

@@ -12,7 +12,7 @@ import orjson
 
 from cqrskit.aggregate import Aggregate
 from cqrskit.errors import CommandRejected, ConcurrencyConflict, IdempotencyKeyReused, NotFound
-from cqrskit.messages import Command, CommandResult, NewEvent, new_id
+from cqrskit.messages import Command, CommandResult, Event, NewEvent, new_id
 from cqrskit.ports import AppendRequest, EventStore
 from cqrskit.registry import Registry
 
@@ -111,13 +111,9 @@ class CommandHandler:
         expected = command.target_version()
 
         for attempt in range(1, MAX_ATTEMPTS + 1):
-            if new_stream:
-                aggregate = aggregate_type(stream_id)
-            else:
-                aggregate = await self._load(aggregate_type, stream_id)
-            if expected is not None and aggregate.version != expected:
-                raise ConcurrencyConflict(stream_id, expected, aggregate.version)
-            events = aggregate.decide(command)
+            aggregate, events = await self._decide(
+                aggregate_type, stream_id, new_stream, command, expected
+            )
             if not events:
                 return CommandResult(command_id, stream_id, aggregate.version, 0)
             request = AppendRequest(
@@ -153,10 +149,29 @@ class CommandHandler:
             return result
         raise AssertionError("unreachable")
 
-    async def _load(self, aggregate_type: type[Aggregate], stream_id: str) -> Aggregate:
+    async def _decide(
+        self,
+        aggregate_type: type[Aggregate],
+        stream_id: str,
+        new_stream: bool,
+        command: Command,
+        expected: int | None,
+    ) -> tuple[Aggregate, list[Event]]:
+        if new_stream:
+            aggregate = aggregate_type(stream_id)
+            return aggregate, _check_and_decide(aggregate, command, expected)
         cached = self.cache.get(stream_id)
-        if cached is not None and isinstance(cached, aggregate_type):
-            return cached
+        if isinstance(cached, aggregate_type):
+            try:
+                return cached, _check_and_decide(cached, command, expected)
+            except (ConcurrencyConflict, CommandRejected, NotFound):
+                # Another process may have moved the stream on: refuse only on
+                # state read from the store.
+                self.cache.evict(stream_id)
+        aggregate = await self._read(aggregate_type, stream_id)
+        return aggregate, _check_and_decide(aggregate, command, expected)
+
+    async def _read(self, aggregate_type: type[Aggregate], stream_id: str) -> Aggregate:
         aggregate = aggregate_type(stream_id)
         envelopes = await self.store.read_stream(stream_id)
         if envelopes and envelopes[0].stream_type != aggregate.stream_type:
@@ -164,5 +179,14 @@ class CommandHandler:
         for envelope in envelopes:
             envelope = self.registry.upcast(envelope)
             aggregate.evolve_stored(envelope.type, envelope.data)
-        self.cache.put(aggregate)
+        if aggregate.version:
+            # An aggregate that does not exist yet is not cached: another process
+            # may create it at any moment.
+            self.cache.put(aggregate)
         return aggregate
+
+
+def _check_and_decide(aggregate: Aggregate, command: Command, expected: int | None) -> list[Event]:
+    if expected is not None and aggregate.version != expected:
+        raise ConcurrencyConflict(aggregate.id, expected, aggregate.version)
+    return aggregate.decide(command)

@@ -66,6 +66,9 @@ class Projection:
     def event_types(self) -> list[str]:
         return list(self._handlers)
 
+    def event_classes(self) -> list[type[Event]]:
+        return [event_type for event_type, _ in self._handlers.values()]
+
     def apply(self, envelope: Envelope, views: ViewWriter) -> None:
         entry = self._handlers.get(envelope.type)
         if entry is not None:
@@ -152,9 +155,10 @@ class Registry:
         self.upcasters: dict[tuple[str, int], Upcaster] = {}
         self.schema_versions: dict[str, int] = {}
         for domain in self.domains:
-            for aggregate in domain.aggregates:
-                for event_type in aggregate.event_types():
-                    self.schema_versions[event_type.type_name] = event_type.schema_version
+            event_types = [t for a in domain.aggregates for t in a.event_types()]
+            event_types += [t for p in domain.projections for t in p.event_classes()]
+            for event_type in event_types:
+                self.schema_versions[event_type.type_name] = event_type.schema_version
             for projection in domain.projections:
                 if projection.name in self.projections:
                     raise CqrskitError(f"projection {projection.name!r} registered twice")

@@ -103,18 +103,17 @@ class ProjectionRunner:
                     self.checkpoints.reset(self.name)
 
     async def process(self, batch: Sequence[Envelope]) -> None:
-        """Apply a batch: in one transaction when it all succeeds, else event by event."""
-        if not batch:
-            return
-        try:
-            await self._commit(batch)
-            return
-        except _EventFailed as failed:
-            index, first_error = failed.index, failed.error
-        if index:
-            await self._commit(batch[:index])
-        await self._retry_or_park(batch[index], first_error)
-        await self.process(batch[index + 1 :])
+        """Apply a batch in one transaction; around a failing event, in pieces."""
+        while batch:
+            try:
+                await self._commit(batch)
+                return
+            except _EventFailed as failed:
+                index, first_error = failed.index, failed.error
+            if index:
+                await self._commit(batch[:index])
+            await self._retry_or_park(batch[index], first_error)
+            batch = batch[index + 1 :]
 
     async def _commit(self, batch: Sequence[Envelope]) -> None:
         after = self.position

@@ -11,7 +11,7 @@ from cqrskit.errors import CommandRejected
 from cqrskit.registry import Registry
 
 sys.path.insert(0, str(Path(__file__).parents[2] / "examples"))
-import bank  # noqa: E402
+import bank
 
 
 async def test_accounts_cannot_be_overdrawn(tmp_path: Path) -> None:

@@ -113,7 +113,8 @@ class Database:
 
     def _hand_over(self) -> None:
         jobs, self._pending = self._pending, []
-        self._jobs.put(jobs)
+        if jobs:
+            self._jobs.put(jobs)
 
     async def read(self, work: Callable[[sqlite3.Connection], T]) -> T:
         if self._closed:
@@ -137,6 +138,8 @@ class Database:
             if first is None:
                 break
             jobs = first
+            if not jobs:
+                continue
             while len(jobs) < _MAX_BATCH:
                 try:
                     more = self._jobs.get_nowait()
@@ -180,6 +183,8 @@ class Database:
         if self._closed:
             return
         self._closed = True
+        # Jobs submitted in this loop iteration are handed over before the stop.
+        self._hand_over()
         self._jobs.put(None)
         await asyncio.to_thread(self._writer.join)
         self._readers.shutdown(wait=True)
@@ -692,6 +697,8 @@ class SqliteViewStore:
         limit: int = 50,
         descending: bool = False,
     ) -> Page:
+        if limit < 1:
+            raise InvalidRequest(f"limit must be at least 1, not {limit}")
         indexed = set(self._known(collection).indexed)
         clauses: list[str] = []
         params: list[Any] = []
@@ -699,14 +706,23 @@ class SqliteViewStore:
             path = _json_path(field)
             if isinstance(value, (dict, list)):
                 raise InvalidRequest(f"filter on {field!r} must compare with a scalar value")
-            operator = "IS" if value is None else "="
-            if field in indexed:
-                # A literal path (validated above) lets SQLite use the expression index.
-                clauses.append(f"json_extract(doc, '{path}') {operator} ?")
+            # A literal path (validated above) lets SQLite use the expression index.
+            literal = field in indexed
+            extract = f"json_extract(doc, '{path}')" if literal else "json_extract(doc, ?)"
+            json_type = f"json_type(doc, '{path}')" if literal else "json_type(doc, ?)"
+            if value is None:
+                clauses.append(f"{extract} IS NULL")
+                params += [] if literal else [path]
+            elif isinstance(value, bool):
+                # json_extract gives 1/0 for true/false: compare the JSON type instead.
+                clauses.append(f"{json_type} = ?")
+                params += ([] if literal else [path]) + ["true" if value else "false"]
+            elif isinstance(value, (int, float)):
+                clauses.append(f"{extract} = ? AND {json_type} IN ('integer', 'real')")
+                params += ([] if literal else [path]) + [value] + ([] if literal else [path])
             else:
-                clauses.append(f"json_extract(doc, ?) {operator} ?")
-                params.append(path)
-            params.append(value)
+                clauses.append(f"{extract} = ?")
+                params += ([] if literal else [path]) + [value]
         if after is not None:
             clauses.append("id < ?" if descending else "id > ?")
             params.append(decode_cursor(after))
@@ -773,6 +789,7 @@ def encode_cursor(doc_id: str) -> str:
 
 def decode_cursor(cursor: str) -> str:
     try:
-        return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        padded = (cursor + "=" * (-len(cursor) % 4)).encode()
+        return base64.b64decode(padded, altchars=b"-_", validate=True).decode()
     except ValueError:
         raise InvalidRequest(f"cursor {cursor!r} is not one this service handed out") from None
