@@ -154,7 +154,7 @@ async def projections_rebuild(runtime: Any, name: str) -> None:
     Safe while `cqrskit serve` runs on the same files: the running server sees
     the checkpoint go back and follows the rebuild.
     """
-    from cqrskit.update_processor import rebuild
+    from cqrskit.update_processor import RetryPolicy, rebuild
 
     projection = runtime.registry.projection(name)
     until = await runtime.store.last_position()
@@ -165,6 +165,7 @@ async def projections_rebuild(runtime: Any, name: str) -> None:
         task = progress.add_task(name, total=until)
         position = await rebuild(
             projection, runtime.registry, runtime.views, runtime.stream, until,
+            retry=RetryPolicy(runtime.settings.retry_attempts, runtime.settings.retry_backoff),
             progress=lambda p: progress.update(task, completed=min(p, until)),
         )
     console.print(f"{name}: rebuilt up to position {position}")

@@ -49,6 +49,9 @@ class AggregateCache:
     def put(self, aggregate: Aggregate) -> None:
         if self.size <= 0:
             return
+        current = self._entries.get(aggregate.id)
+        if current is not None and current.version > aggregate.version:
+            return  # a slow read finished after a newer state was cached
         self._entries[aggregate.id] = aggregate
         self._entries.move_to_end(aggregate.id)
         while len(self._entries) > self.size:

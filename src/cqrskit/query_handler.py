@@ -45,7 +45,16 @@ class QueryHandler:
                     f"{error}; send the consistency_token a command returned"
                 ) from None
             fresh = await self.checkpoints.wait(query.reads, token, self.consistency_timeout)
-        return Answer(await query.run(self.views), fresh)
+        try:
+            result = await query.run(self.views)
+        except NotFound as error:
+            if fresh is False:
+                raise NotFound(
+                    f"{error}; the views had not caught up with the consistency token "
+                    f"within {self.consistency_timeout:g}s, so it may yet appear"
+                ) from None
+            raise
+        return Answer(result, fresh)
 
     async def command_status(self, command_id: str) -> dict[str, Any]:
         """Whether a command's events have reached each view, from the checkpoints."""

@@ -154,10 +154,21 @@ class Registry:
         self.projections: dict[str, Projection] = {}
         self.upcasters: dict[tuple[str, int], Upcaster] = {}
         self.schema_versions: dict[str, int] = {}
+        events: dict[str, type[Event]] = {}
+        commands: dict[type[Command], str] = {}
         for domain in self.domains:
+            for command_type in domain.commands.values():
+                if commands.setdefault(command_type[0], domain.name) != domain.name:
+                    raise CqrskitError(f"{command_type[0].__name__} is in two domains")
             event_types = [t for a in domain.aggregates for t in a.event_types()]
             event_types += [t for p in domain.projections for t in p.event_classes()]
             for event_type in event_types:
+                # Projections match events by type name, so a name means one class.
+                if events.setdefault(event_type.type_name, event_type) is not event_type:
+                    raise CqrskitError(
+                        f"two event classes are named {event_type.type_name!r}; "
+                        "set type_name to tell them apart"
+                    )
                 self.schema_versions[event_type.type_name] = event_type.schema_version
             for projection in domain.projections:
                 if projection.name in self.projections:

@@ -247,6 +247,7 @@ async def rebuild(
     stream: Stream,
     until: int,
     *,
+    retry: RetryPolicy = RetryPolicy(),
     progress: Callable[[int], None] | None = None,
 ) -> int:
     """Empty the projection's views and replay the log into them up to `until`."""
@@ -260,7 +261,7 @@ async def rebuild(
         uow.set_checkpoint(projection.name, 0, 0)
 
     await views.run(reset)
-    runner = ProjectionRunner(projection, registry, views)
+    runner = ProjectionRunner(projection, registry, views, retry=retry)
     await runner.follow(stream, 1, until=until, progress=progress)
     return runner.position
 

@@ -497,6 +497,7 @@ class SqliteUnitOfWork:
         self.conn = conn
         self.known = known
         self.docs: dict[tuple[str, str], Any] = {}
+        self.dirty: set[tuple[str, str]] = set()
         self.checkpoints: dict[tuple[str, int], int] = {}
         self.parked: list[tuple[Any, ...]] = []
         self.removed: list[int] = []
@@ -526,10 +527,12 @@ class SqliteUnitOfWork:
     def put(self, collection: str, doc_id: str, doc: dict[str, Any]) -> None:
         self._check(collection)
         self.docs[(collection, doc_id)] = doc
+        self.dirty.add((collection, doc_id))
 
     def delete(self, collection: str, doc_id: str) -> None:
         self._check(collection)
         self.docs[(collection, doc_id)] = _DELETED
+        self.dirty.add((collection, doc_id))
 
     def checkpoint(self, projection: str, partition: int) -> int:
         key = (projection, partition)
@@ -579,6 +582,7 @@ class SqliteUnitOfWork:
         self.cleared.append(collection)
         for key in [k for k in self.docs if k[0] == collection]:
             del self.docs[key]
+            self.dirty.discard(key)
 
     def flush(self) -> None:
         conn = self.conn
@@ -586,7 +590,9 @@ class SqliteUnitOfWork:
             conn.execute(f"DELETE FROM {_table(collection)}")
         upserts: dict[str, list[tuple[str, str]]] = {}
         deletes: dict[str, list[tuple[str]]] = {}
-        for (collection, doc_id), doc in self.docs.items():
+        for key in self.dirty:
+            collection, doc_id = key
+            doc = self.docs[key]
             if doc is _DELETED:
                 deletes.setdefault(collection, []).append((doc_id,))
             else:
