@@ -18,12 +18,11 @@ import time
 from pathlib import Path
 from typing import Literal
 
+from benchmarks import raw_sqlite
+from benchmarks.common import Measurement, Size, payload
 from cqrskit.bootstrap import Runtime, open_runtime
 from cqrskit.config import Settings
 from cqrskit.domains.records import InsertRecord, UpdateRecord
-
-from benchmarks import raw_sqlite
-from benchmarks.common import Measurement, Size, payload
 
 NAME = "append"
 SYNCHRONOUS = ("FULL", "NORMAL")

@@ -212,6 +212,8 @@ def machine() -> dict[str, Any]:
         "sqlite": sqlite3.sqlite_version,
         "platform": platform.platform(),
         "commit": commit,
+        # Other work on the machine skews absolute numbers; ratios suffer less.
+        "load_average": [round(x, 2) for x in os.getloadavg()],
     }
 
 
@@ -227,12 +229,12 @@ def _number(value: float) -> str:
 
 
 def _row(s: Summary) -> list[str]:
-    spread = f"{_number(s.low)} – {_number(s.high)}" if len(s.values) > 1 else ""
-    ratio = f"{s.ratio:.2f}×" if s.ratio is not None else ""
+    spread = f"{_number(s.low)} - {_number(s.high)}" if len(s.values) > 1 else ""
+    ratio = f"{s.ratio:.2f}x" if s.ratio is not None else ""
     return [s.workload, s.case, _number(s.median), s.unit, spread, s.baseline or "", ratio]
 
 
-_HEADERS = ["workload", "case", "median", "unit", "min – max", "baseline (same run)", "ratio"]
+_HEADERS = ["workload", "case", "median", "unit", "min - max", "baseline (same run)", "ratio"]
 
 
 def print_table(summaries: Sequence[Summary], title: str) -> None:

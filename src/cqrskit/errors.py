@@ -4,7 +4,12 @@ from __future__ import annotations
 
 
 class CqrskitError(Exception):
-    """Base of every error cqrskit raises on purpose."""
+    """Base of every error cqrskit raises on purpose.
+
+    `headers` are sent with the HTTP answer (e.g. whether a read was fresh).
+    """
+
+    headers: dict[str, str] | None = None
 
 
 class CommandRejected(CqrskitError):

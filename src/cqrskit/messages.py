@@ -7,13 +7,28 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar
 
+import orjson
 import uuid_utils
-from pydantic import BaseModel, ConfigDict, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, JsonValue, StringConstraints
 
 # Ids travel in URLs, SQL parameters, broker subjects and document keys; one safe
 # alphabet for all of them means no layer ever has to escape an id.
 IDENTIFIER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 Identifier = Annotated[str, StringConstraints(pattern=IDENTIFIER_PATTERN)]
+
+
+def _storable(value: dict[str, JsonValue]) -> dict[str, JsonValue]:
+    # JSON that parses is not always JSON a store can keep: integers beyond 64
+    # bits and lone surrogates are refused here, as a 422, not in the store as a 500.
+    try:
+        orjson.dumps(value)
+    except orjson.JSONEncodeError as error:
+        raise ValueError(f"cannot be stored as JSON: {error}") from None
+    return value
+
+
+JsonObject = Annotated[dict[str, JsonValue], AfterValidator(_storable)]
+"""A JSON object from a client, checked to be storable as it is."""
 
 
 def new_id() -> str:
@@ -33,7 +48,8 @@ class Command(BaseModel):
     handler assigns a new id.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN and infinities are not JSON; they would be stored as null.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: ClassVar[str]
     aggregate_id_field: ClassVar[str] = "id"

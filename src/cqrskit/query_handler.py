@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from cqrskit.checkpoints import Checkpoints
-from cqrskit.errors import InvalidRequest, NotFound
-from cqrskit.messages import ConsistencyToken
+from cqrskit.errors import CqrskitError, InvalidRequest, NotFound
+from cqrskit.messages import ConsistencyToken, stream_hash
 from cqrskit.ports import EventStore, ViewStore
 from cqrskit.registry import Query, Registry
 
@@ -17,6 +17,10 @@ class Answer:
     result: Any
     # None: no token was sent; True: the views had caught up; False: timed out.
     fresh: bool | None
+
+
+def _header(fresh: bool) -> str:
+    return "fresh" if fresh else "stale"
 
 
 class QueryHandler:
@@ -38,23 +42,48 @@ class QueryHandler:
     async def handle(self, query: Query, consistency_token: str | None = None) -> Answer:
         fresh = None
         if consistency_token:
-            try:
-                token = ConsistencyToken.decode(consistency_token)
-            except ValueError as error:
-                raise InvalidRequest(
-                    f"{error}; send the consistency_token a command returned"
-                ) from None
-            fresh = await self.checkpoints.wait(query.reads, token, self.consistency_timeout)
+            fresh = await self._wait(query, self._decode(consistency_token))
         try:
             result = await query.run(self.views)
-        except NotFound as error:
-            if fresh is False:
-                raise NotFound(
+        except CqrskitError as error:
+            if fresh is not None:
+                error.headers = {**(error.headers or {}), "X-Consistency": _header(fresh)}
+            if fresh is False and isinstance(error, NotFound):
+                error.args = (
                     f"{error}; the views had not caught up with the consistency token "
-                    f"within {self.consistency_timeout:g}s, so it may yet appear"
-                ) from None
+                    f"within {self.consistency_timeout:g}s, so it may yet appear",
+                )
             raise
         return Answer(result, fresh)
+
+    @staticmethod
+    def _decode(consistency_token: str) -> ConsistencyToken:
+        try:
+            return ConsistencyToken.decode(consistency_token)
+        except ValueError as error:
+            raise InvalidRequest(
+                f"{error}; send the consistency_token a command returned"
+            ) from None
+
+    async def _wait(self, query: Query, token: ConsistencyToken) -> bool:
+        """True once every view the query reads holds the token's write."""
+        if not self.checkpoints.reached(query.reads, token):
+            last = await self.store.last_position()
+            if token.position > last:
+                raise InvalidRequest(
+                    f"consistency token {token.encode()} is ahead of the event log "
+                    f"(last position {last}); it was not issued by this service"
+                )
+        if not await self.checkpoints.wait(query.reads, token, self.consistency_timeout):
+            return False
+        # A parked event counts as processed; the view does not hold it.
+        for name in query.reads:
+            for parked in await self.views.list_dead_letters(name):
+                if stream_hash(parked.stream_id) == token.stream_hash and (
+                    parked.position <= token.position
+                ):
+                    return False
+        return True
 
     async def command_status(self, command_id: str) -> dict[str, Any]:
         """Whether a command's events have reached each view, from the checkpoints."""

@@ -13,7 +13,7 @@ from typing import Any, ClassVar, TypeVar
 from pydantic import BaseModel, ConfigDict
 
 from cqrskit.aggregate import Aggregate
-from cqrskit.errors import CqrskitError
+from cqrskit.errors import CqrskitError, NotFound
 from cqrskit.messages import Command, Envelope, Event
 from cqrskit.ports import Collection, ViewReader, ViewWriter
 
@@ -184,7 +184,7 @@ class Registry:
             return self.projections[name]
         except KeyError:
             known = ", ".join(sorted(self.projections)) or "none"
-            raise CqrskitError(f"no projection named {name!r} (known: {known})") from None
+            raise NotFound(f"no projection named {name!r} (known: {known})") from None
 
     def upcast(self, envelope: Envelope) -> Envelope:
         """Bring an old event's data up to the schema version the code knows."""

@@ -47,6 +47,14 @@ def error_response(
     return Response(orjson.dumps(body), status, headers, media_type="application/json")
 
 
+def _is_json(content_type: str) -> bool:
+    """The rule FastAPI itself uses to decide whether to parse a body as JSON."""
+    media = content_type.split(";")[0].strip().lower()
+    return media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    )
+
+
 def _location(loc: tuple[Any, ...]) -> str:
     return ".".join(str(part) for part in loc)
 
@@ -62,10 +70,11 @@ async def _validation(request: Request, exc: Exception) -> Response:
         )
     content_type = request.headers.get("content-type", "")
     body_error = any(e["loc"][:1] == ("body",) for e in errors)
-    if body_error and content_type and "json" not in content_type:
+    if body_error and not _is_json(content_type):
+        sent = f"not {content_type}" if content_type else "and none was sent"
         return error_response(
             415, "unsupported_media_type",
-            f"the body must be JSON sent with Content-Type: application/json, not {content_type}",
+            f"the body must be JSON sent with Content-Type: application/json, {sent}",
         )
     details = [
         {"location": _location(e["loc"]), "problem": e["msg"], "type": e["type"]} for e in errors
@@ -86,14 +95,19 @@ async def _http(request: Request, exc: Exception) -> Response:
 
 
 async def _domain(request: Request, exc: Exception) -> Response:
-    for error_type, status, code in _STATUS:
-        if isinstance(exc, error_type):
-            extra: dict[str, Any] = {}
-            if isinstance(exc, ConcurrencyConflict):
-                extra = {"current_version": exc.current, "expected_version": exc.expected}
-            headers = {"Retry-After": "1"} if status == 503 else None
-            return error_response(status, code, str(exc), headers=headers, **extra)
-    return await _unexpected(request, exc)
+    assert isinstance(exc, CqrskitError)
+    # A deliberate error of no more specific kind is still the caller's to fix: 400.
+    status, code = next(
+        ((status, code) for kind, status, code in _STATUS if isinstance(exc, kind)),
+        (400, "invalid_request"),
+    )
+    extra: dict[str, Any] = {}
+    if isinstance(exc, ConcurrencyConflict):
+        extra = {"current_version": exc.current, "expected_version": exc.expected}
+    headers = dict(exc.headers or {})
+    if status == 503:
+        headers["Retry-After"] = "1"
+    return error_response(status, code, str(exc), headers=headers, **extra)
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:

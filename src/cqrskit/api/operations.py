@@ -3,8 +3,9 @@
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
+from cqrskit.api.errors import error_response
 from cqrskit.api.routes import RuntimeRef
 from cqrskit.messages import IDENTIFIER_PATTERN
 from cqrskit.update_processor import retry_dead_letters, skip_dead_letter
@@ -57,12 +58,18 @@ def operations_router(runtime: RuntimeRef) -> APIRouter:
     @router.post(
         "/api/dead-letters/{dead_letter_id}/retry", tags=["operations"],
         summary="Re-apply the parked events of this dead letter's stream, oldest first",
+        responses={409: {"description": "the head event failed again; it stays parked"}},
     )
-    async def retry(dead_letter_id: DeadLetterId) -> dict[str, Any]:
+    async def retry(dead_letter_id: DeadLetterId) -> Response:
         rt = runtime()
         outcome = await retry_dead_letters(rt.registry, rt.views, dead_letter_id)
-        return {"applied": outcome.applied, "remaining": outcome.remaining,
-                "error": outcome.error}
+        if outcome.error is not None:
+            return error_response(
+                409, "retry_failed",
+                f"the head event of the stream failed again: {outcome.error}",
+                applied=outcome.applied, remaining=outcome.remaining,
+            )
+        return JSONResponse({"applied": outcome.applied, "remaining": outcome.remaining})
 
     @router.post(
         "/api/dead-letters/{dead_letter_id}/skip", tags=["operations"],

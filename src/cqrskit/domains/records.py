@@ -9,11 +9,11 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import orjson
-from pydantic import BaseModel, Field, JsonValue
+from pydantic import BaseModel, Field
 
 from cqrskit.aggregate import Aggregate, decides, evolves
 from cqrskit.errors import CommandRejected, InvalidRequest, NotFound
-from cqrskit.messages import Command, Envelope, Event, Identifier
+from cqrskit.messages import Command, Envelope, Event, Identifier, JsonObject
 from cqrskit.ports import Collection, ViewReader, ViewWriter
 from cqrskit.registry import Domain, Projection, Query, projects
 
@@ -32,7 +32,7 @@ class InsertRecord(Command):
     name: ClassVar[str] = "insert"
     creates: ClassVar[bool] = True
     id: Identifier | None = None
-    data: dict[str, JsonValue]
+    data: JsonObject
 
 
 class UpdateRecord(Command):
@@ -40,7 +40,7 @@ class UpdateRecord(Command):
 
     name: ClassVar[str] = "update"
     id: Identifier
-    data: dict[str, JsonValue]
+    data: JsonObject
     expected_version: int | None = Field(default=None, ge=1)
 
 

@@ -1,0 +1,148 @@
+"""lag: how long after a command is accepted its effect is visible in every view.
+
+With the update processor running in the same process (as `cqrskit serve` runs
+it), 8 closed-loop clients first measure the max insert rate (the processor is
+stopped meanwhile, as in the append workload). Then an open-loop load offers half
+that rate for a few seconds, alternating InsertRecord and UpdateRecord, then a
+quarter of it. For each
+command the clock starts when `handle` returns (accepted, durable) and stops when
+the in-process `Checkpoints` say every projection has processed its consistency
+token, the same wait a query carrying the token does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.append import insert_records
+from benchmarks.common import Measurement, Size, payload, percentile
+from cqrskit.bootstrap import Runtime, open_runtime
+from cqrskit.config import Settings
+from cqrskit.domains.records import InsertRecord, UpdateRecord
+from cqrskit.messages import ConsistencyToken
+
+NAME = "lag"
+CALIBRATION = "max insert rate · 8 clients (calibration)"
+# The load the issue asks for (half the max rate), and a lighter one that shows the
+# lag of a processor that is not saturated.
+LOADS = ((0.5, "½ max"), (0.25, "¼ max"))
+VISIBLE_TIMEOUT = 30.0
+_TICK = 0.002
+_PAYLOADS = [payload(i) for i in range(256)]
+
+
+async def _calibrate(rt: Runtime, seconds: float) -> tuple[float, list[str]]:
+    """Closed-loop insert rate of 8 clients over about `seconds`; also return the ids."""
+    ids: list[str] = []
+    deadline = time.perf_counter() + seconds
+
+    async def client() -> None:
+        while time.perf_counter() < deadline:
+            result = await rt.commands.handle(InsertRecord(data=_PAYLOADS[len(ids) % 256]))
+            ids.append(result.stream_id)
+
+    await insert_records(rt, 100, clients=8)  # warm up
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(8)))
+    return len(ids) / (time.perf_counter() - start), ids
+
+
+async def _steady(
+    rt: Runtime, rate: float, seconds: float, ids: list[str]
+) -> tuple[int, float, list[float], list[float], int]:
+    """Offer `rate` commands/s for `seconds`.
+
+    Return the commands issued, the seconds from the start to the last acceptance
+    (longer than `seconds` when the load was more than the handler could take),
+    the latencies and the number of commands that never became visible.
+    """
+    projections = list(rt.registry.projections)
+    accept_ms: list[float] = []
+    visible_ms: list[float] = []
+    timeouts = 0
+    last_accepted = 0.0
+
+    async def one(i: int) -> None:
+        nonlocal timeouts, last_accepted
+        data = _PAYLOADS[i % len(_PAYLOADS)]
+        submitted = time.perf_counter()
+        if i % 2:
+            result = await rt.commands.handle(UpdateRecord(id=ids[i % len(ids)], data=data))
+        else:
+            result = await rt.commands.handle(InsertRecord(data=data))
+        accepted = last_accepted = time.perf_counter()
+        token = ConsistencyToken.for_event(result.stream_id, result.position)
+        if not await rt.checkpoints.wait(projections, token, VISIBLE_TIMEOUT):
+            timeouts += 1
+        visible = time.perf_counter()
+        accept_ms.append((accepted - submitted) * 1000)
+        visible_ms.append((visible - accepted) * 1000)
+
+    tasks: set[asyncio.Task[None]] = set()
+    issued = 0
+    start = time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        due = int(elapsed * rate) - issued
+        for _ in range(due):
+            task = asyncio.create_task(one(issued))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            issued += 1
+        await asyncio.sleep(_TICK)
+    await asyncio.gather(*tasks)
+    return issued, last_accepted - start, accept_ms, visible_ms, timeouts
+
+
+async def _catch_up(rt: Runtime) -> None:
+    """Wait until every projection has processed the whole log."""
+    last = await rt.store.last_position()
+    token = ConsistencyToken(last, 0)
+    await rt.checkpoints.wait(list(rt.registry.projections), token, VISIBLE_TIMEOUT)
+
+
+async def _measure(directory: Path, size: Size) -> list[Measurement]:
+    results: list[Measurement] = []
+    rt = await open_runtime(Settings(data_dir=directory))
+    try:
+        max_rate, ids = await _calibrate(rt, size.lag_calibration_seconds)
+        results.append(Measurement(NAME, CALIBRATION, max_rate, "cmd/s"))
+        rt.processor.start()
+        for fraction, label in LOADS:
+            await _catch_up(rt)
+            rate = max_rate * fraction
+            issued, accepting, accept_ms, visible_ms, timeouts = await _steady(
+                rt, rate, size.lag_seconds, ids
+            )
+            if timeouts:
+                print(f"  lag: {timeouts} commands not visible within {VISIBLE_TIMEOUT}s",
+                      file=sys.stderr)
+            offered = f"{label} · offered"
+            visible = f"{label} · accepted → visible in all views"
+            results += [
+                Measurement(NAME, offered, rate, "cmd/s", baseline=CALIBRATION,
+                            details={"commands": issued, "timeouts": timeouts}),
+                Measurement(NAME, f"{label} · accepted", issued / accepting, "cmd/s",
+                            baseline=offered),
+                Measurement(NAME, f"{label} · submitted → accepted · p50",
+                            percentile(accept_ms, 50), "ms"),
+                Measurement(NAME, f"{label} · submitted → accepted · p99",
+                            percentile(accept_ms, 99), "ms"),
+                Measurement(NAME, f"{visible} · p50", percentile(visible_ms, 50), "ms"),
+                Measurement(NAME, f"{visible} · p99", percentile(visible_ms, 99), "ms"),
+                Measurement(NAME, f"{visible} · max", max(visible_ms), "ms"),
+            ]
+    finally:
+        await rt.close()
+    return results
+
+
+def run(size: Size, workdir: Path) -> list[Measurement]:
+    directory = workdir / "lag"
+    try:
+        return asyncio.run(_measure(directory, size))
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)

@@ -1,0 +1,398 @@
+"""PostgreSQL adapters: the event store (command DB) and, later, the view store.
+
+URL: `postgresql://user:password@host:port/database?schema=name`. Every table
+lives in the schema (default `cqrskit`), so one database can hold several
+deployments or test runs side by side.
+
+Appends from all concurrent commands of one event-loop iteration go to the
+server as one call of a PL/pgSQL function, which takes an advisory lock,
+checks idempotency and expected versions, assigns positions and inserts the
+rows. The lock is held until that transaction commits, so positions become
+visible in commit order with no gaps: a reader following the log cannot skip
+an event that commits late. One round trip serves the whole group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import orjson
+import psycopg
+from psycopg.rows import tuple_row
+from psycopg.types.json import Jsonb, set_json_loads
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from cqrskit.errors import (
+    ConcurrencyConflict,
+    CqrskitError,
+    IdempotencyKeyReused,
+    Unavailable,
+)
+from cqrskit.messages import CommandResult, Envelope
+from cqrskit.ports import AppendRequest, StoredCommand
+
+log = logging.getLogger(__name__)
+
+_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_MAX_GROUP = 512
+
+
+@dataclass(frozen=True, slots=True)
+class PostgresUrl:
+    """A libpq connection string and the schema our tables live in."""
+
+    conninfo: str
+    schema: str
+
+    @classmethod
+    def parse(cls, url: str) -> PostgresUrl:
+        parts = urlsplit(url)
+        if parts.scheme not in ("postgresql", "postgres"):
+            raise CqrskitError(f"not a PostgreSQL URL: {url!r}")
+        query = dict(parse_qsl(parts.query))
+        schema = query.pop("schema", "cqrskit")
+        if not _SCHEMA_NAME.match(schema):
+            raise CqrskitError(f"schema {schema!r} must match {_SCHEMA_NAME.pattern}")
+        query.setdefault("connect_timeout", "5")
+        conninfo = urlunsplit(("postgresql", parts.netloc, parts.path, urlencode(query), ""))
+        return cls(conninfo, schema)
+
+
+async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
+    set_json_loads(orjson.loads, conn)
+
+
+def _unavailable(error: Exception) -> Unavailable:
+    return Unavailable(f"the PostgreSQL server cannot be reached: {error}".strip())
+
+
+@contextlib.asynccontextmanager
+async def _translated() -> Any:
+    """Turn connection failures into Unavailable (503) with a message a person can act on."""
+    try:
+        yield
+    except (psycopg.OperationalError, PoolTimeout) as error:
+        raise _unavailable(error) from error
+
+
+def _event_store_schema(s: str) -> list[str]:
+    lock_key = zlib.crc32(f"{s}.events".encode())
+    return [
+        f"""
+        CREATE TABLE IF NOT EXISTS {s}.events (
+            position BIGINT PRIMARY KEY,
+            event_id TEXT NOT NULL UNIQUE,
+            stream_id TEXT NOT NULL,
+            stream_type TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            type TEXT NOT NULL,
+            schema_version INTEGER NOT NULL,
+            data JSONB NOT NULL,
+            metadata JSONB NOT NULL,
+            recorded_at TIMESTAMPTZ NOT NULL,
+            UNIQUE (stream_id, version)
+        );
+        CREATE TABLE IF NOT EXISTS {s}.commands (
+            command_id TEXT PRIMARY KEY,
+            command_hash TEXT NOT NULL,
+            stream_id TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            position BIGINT NOT NULL,
+            recorded_at TIMESTAMPTZ NOT NULL
+        );
+        CREATE OR REPLACE FUNCTION {s}.append_events(requests JSONB) RETURNS JSONB
+        LANGUAGE plpgsql AS $$
+        DECLARE
+            req JSONB;
+            ev JSONB;
+            seen RECORD;
+            outcomes JSONB[] := '{{}}';
+            last_position BIGINT;
+            current_version INTEGER;
+            now_ts TIMESTAMPTZ := clock_timestamp();
+        BEGIN
+            -- Held until commit: positions become visible in commit order, gap-free.
+            PERFORM pg_advisory_xact_lock({lock_key});
+            SELECT coalesce(max(position), 0) INTO last_position FROM {s}.events;
+            FOR req IN SELECT value FROM jsonb_array_elements(requests) LOOP
+                SELECT c.command_hash, c.stream_id, c.version, c.position INTO seen
+                    FROM {s}.commands c WHERE c.command_id = req->>'command_id';
+                IF FOUND THEN
+                    IF seen.command_hash <> req->>'command_hash' THEN
+                        outcomes := outcomes || jsonb_build_object('error', 'reused');
+                    ELSE
+                        outcomes := outcomes || jsonb_build_object(
+                            'replayed', true, 'stream_id', seen.stream_id,
+                            'version', seen.version, 'position', seen.position);
+                    END IF;
+                    CONTINUE;
+                END IF;
+                SELECT coalesce(max(e.version), 0) INTO current_version
+                    FROM {s}.events e WHERE e.stream_id = req->>'stream_id';
+                IF current_version <> (req->>'expected_version')::INTEGER THEN
+                    outcomes := outcomes || jsonb_build_object(
+                        'error', 'conflict', 'current', current_version);
+                    CONTINUE;
+                END IF;
+                FOR ev IN SELECT value FROM jsonb_array_elements(req->'events') LOOP
+                    current_version := current_version + 1;
+                    last_position := last_position + 1;
+                    INSERT INTO {s}.events (position, event_id, stream_id, stream_type,
+                        version, type, schema_version, data, metadata, recorded_at)
+                    VALUES (last_position, ev->>'event_id', req->>'stream_id',
+                        req->>'stream_type', current_version, ev->>'type',
+                        (ev->>'schema_version')::INTEGER, ev->'data', req->'metadata', now_ts);
+                END LOOP;
+                INSERT INTO {s}.commands (command_id, command_hash, stream_id, version,
+                    position, recorded_at)
+                VALUES (req->>'command_id', req->>'command_hash', req->>'stream_id',
+                    current_version, last_position, now_ts);
+                outcomes := outcomes || jsonb_build_object(
+                    'stream_id', req->>'stream_id', 'version', current_version,
+                    'position', last_position);
+            END LOOP;
+            PERFORM pg_notify('{s}_events', last_position::TEXT);
+            RETURN to_jsonb(outcomes);
+        END $$;
+        """,
+    ]
+
+
+async def migrate(conn: psycopg.AsyncConnection[Any], schema: str, name: str,
+                  migrations: Sequence[str]) -> None:
+    """Apply the numbered migrations of `name` that this schema has not seen, once.
+
+    An advisory lock keeps two processes starting together from racing.
+    """
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (zlib.crc32(schema.encode()),))
+        await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+        await conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {schema}.migrations "
+            "(name TEXT NOT NULL, number INTEGER NOT NULL, applied_at TIMESTAMPTZ NOT NULL "
+            "DEFAULT now(), PRIMARY KEY (name, number))"
+        )
+        cursor = await conn.execute(
+            f"SELECT coalesce(max(number), 0) FROM {schema}.migrations WHERE name = %s",
+            (name,),
+        )
+        row = await cursor.fetchone()
+        current = int(row[0]) if row else 0
+        for number, script in enumerate(migrations, start=1):
+            if number > current:
+                await conn.execute(script)
+                await conn.execute(
+                    f"INSERT INTO {schema}.migrations (name, number) VALUES (%s, %s)",
+                    (name, number),
+                )
+
+
+_EVENT_COLUMNS = (
+    "event_id, stream_id, stream_type, version, position, type, schema_version, "
+    "data, metadata, recorded_at"
+)
+
+
+def _envelope(row: Sequence[Any]) -> Envelope:
+    return Envelope(
+        row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8],
+        row[9].isoformat(),
+    )
+
+
+def _outcome(request: AppendRequest, answer: dict[str, Any]) -> Any:
+    error = answer.get("error")
+    if error == "reused":
+        return IdempotencyKeyReused(request.command_id)
+    if error == "conflict":
+        return ConcurrencyConflict(request.stream_id, request.expected_version, answer["current"])
+    return CommandResult(
+        request.command_id, answer["stream_id"], answer["version"], answer["position"],
+        replayed=bool(answer.get("replayed")),
+    )
+
+
+def _request_json(request: AppendRequest) -> dict[str, Any]:
+    return {
+        "stream_id": request.stream_id,
+        "stream_type": request.stream_type,
+        "expected_version": request.expected_version,
+        "command_id": request.command_id,
+        "command_hash": request.command_hash,
+        "metadata": request.metadata,
+        "events": [
+            {"event_id": e.event_id, "type": e.type, "schema_version": e.schema_version,
+             "data": e.data}
+            for e in request.events
+        ],
+    }
+
+
+class PostgresEventStore:
+    """The command DB on PostgreSQL. Open with `await PostgresEventStore.open(url)`."""
+
+    def __init__(self, url: PostgresUrl, pool: AsyncConnectionPool) -> None:
+        self.url = url
+        self.schema = url.schema
+        self.pool = pool
+        self._pending: list[tuple[AppendRequest, asyncio.Future[Any]]] = []
+        self._groups: set[asyncio.Task[None]] = set()
+        self._appended = asyncio.Event()
+        self._listener: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def open(cls, url: str, *, pool_size: int = 8) -> PostgresEventStore:
+        parsed = PostgresUrl.parse(url)
+        pool = AsyncConnectionPool(
+            parsed.conninfo, min_size=1, max_size=pool_size, open=False, timeout=5,
+            kwargs={"autocommit": True}, configure=_configure,
+        )
+        async with _translated():
+            await pool.open(wait=True, timeout=10)
+            try:
+                async with pool.connection() as conn:
+                    await migrate(conn, parsed.schema, "event_store",
+                                  _event_store_schema(parsed.schema))
+            except BaseException:
+                await pool.close()
+                raise
+        store = cls(parsed, pool)
+        store._listener = asyncio.create_task(store._listen(), name="event-store-listener")
+        return store
+
+    async def append(self, request: AppendRequest) -> CommandResult:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        if not self._pending:
+            # Everything appended in this loop iteration goes in one server call.
+            loop.call_soon(self._send_group)
+        self._pending.append((request, future))
+        result: CommandResult = await future
+        return result
+
+    def _send_group(self) -> None:
+        pending, self._pending = self._pending, []
+        for start in range(0, len(pending), _MAX_GROUP):
+            task = asyncio.create_task(self._append_group(pending[start : start + _MAX_GROUP]))
+            self._groups.add(task)
+            task.add_done_callback(self._groups.discard)
+
+    async def _append_group(
+        self, group: list[tuple[AppendRequest, asyncio.Future[Any]]]
+    ) -> None:
+        try:
+            answers = await self._call_append([request for request, _ in group])
+        except Unavailable as error:
+            for _, future in group:
+                if not future.done():
+                    future.set_exception(error)
+            return
+        except Exception as error:
+            if len(group) > 1:
+                # Something in the group broke the transaction: run each alone.
+                await asyncio.gather(*(self._append_group([item]) for item in group))
+                return
+            log.error("append to %s failed", self.schema, exc_info=error)
+            group[0][1].set_exception(error)
+            return
+        for (request, future), answer in zip(group, answers, strict=True):
+            if future.done():
+                continue
+            outcome = _outcome(request, answer)
+            if isinstance(outcome, Exception):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
+
+    async def _call_append(self, requests: list[AppendRequest]) -> list[dict[str, Any]]:
+        payload = Jsonb([_request_json(r) for r in requests], dumps=orjson.dumps)
+        async with _translated(), self.pool.connection() as conn:
+            cursor = await conn.execute(
+                f"SELECT {self.schema}.append_events(%s)", (payload,)
+            )
+            row = await cursor.fetchone()
+        assert row is not None
+        answers: list[dict[str, Any]] = row[0]
+        return answers
+
+    async def _fetch(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        async with _translated(), self.pool.connection() as conn:
+            cursor = conn.cursor(row_factory=tuple_row)
+            await cursor.execute(sql, params)
+            return await cursor.fetchall()
+
+    async def read_stream(self, stream_id: str) -> list[Envelope]:
+        rows = await self._fetch(
+            f"SELECT {_EVENT_COLUMNS} FROM {self.schema}.events WHERE stream_id = %s "
+            "ORDER BY version",
+            (stream_id,),
+        )
+        return [_envelope(row) for row in rows]
+
+    async def read_all(self, after: int, limit: int) -> list[Envelope]:
+        rows = await self._fetch(
+            f"SELECT {_EVENT_COLUMNS} FROM {self.schema}.events WHERE position > %s "
+            "ORDER BY position LIMIT %s",
+            (after, limit),
+        )
+        return [_envelope(row) for row in rows]
+
+    async def last_position(self) -> int:
+        rows = await self._fetch(f"SELECT coalesce(max(position), 0) FROM {self.schema}.events", ())
+        return int(rows[0][0])
+
+    async def _listen(self) -> None:
+        """Follow NOTIFY from every appender, in this process or another."""
+        channel = f"{self.schema}_events"
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(self.url.conninfo, autocommit=True)
+                async with conn:
+                    await conn.execute(f"LISTEN {channel}")
+                    self._appended.set()
+                    async for _ in conn.notifies():
+                        self._appended.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                log.warning("listening for appends on %s failed (%s); retrying", channel, error)
+                await asyncio.sleep(1)
+
+    async def wait_for_append(self, after: int, timeout: float) -> None:
+        self._appended.clear()
+        if await self.last_position() > after:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._appended.wait(), timeout)
+
+    async def get_command(self, command_id: str) -> StoredCommand | None:
+        rows = await self._fetch(
+            f"SELECT command_hash, stream_id, version, position FROM {self.schema}.commands "
+            "WHERE command_id = %s",
+            (command_id,),
+        )
+        if not rows:
+            return None
+        hash_, stream_id, version, position = rows[0]
+        return StoredCommand(command_id, hash_, CommandResult(command_id, stream_id, version,
+                                                              position))
+
+    async def check(self) -> None:
+        await self._fetch("SELECT 1", ())
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+        if self._groups:
+            await asyncio.gather(*self._groups, return_exceptions=True)
+        await self.pool.close()
