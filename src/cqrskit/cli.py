@@ -14,22 +14,16 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from cqrskit.config import Settings
+from cqrskit.config import Settings, environment_help
 from cqrskit.errors import CqrskitError
 
 T = TypeVar("T")
 console = Console()
 
-ENVIRONMENT_HELP = """
-Settings come from environment variables; flags override them:
-
-\b
-  CQRSKIT_DATA_DIR      where the SQLite files live (default ./data)
-  CQRSKIT_COMMAND_DB    event store URL (default sqlite:///<data dir>/command.db)
-  CQRSKIT_QUERY_DB      view store URL (default sqlite:///<data dir>/query.db)
-  CQRSKIT_STREAM        event stream (default: embedded, the event store's own log)
-  CQRSKIT_DOMAINS       modules that define a `domain` (default cqrskit.domains.records)
-"""
+ENVIRONMENT_HELP = (
+    "Settings come from environment variables; flags override them:\n\n\b\n"
+    + environment_help()
+)
 
 
 def _settings(data_dir: Path | None, **overrides: Any) -> Settings:
@@ -69,8 +63,16 @@ def with_runtime(fn: Callable[..., Awaitable[T]]) -> Callable[..., T]:
     def command(data_dir: Path | None, **kwargs: Any) -> T:
         from cqrskit.bootstrap import open_runtime
 
+        settings = _settings(data_dir)
+        command_db = settings.data_dir / "command.db"
+        if settings.command_db is None and not command_db.exists():
+            raise click.ClickException(
+                f"no cqrskit data in {settings.data_dir.resolve()} (no command.db there); "
+                "pass --data-dir or set CQRSKIT_DATA_DIR to where `cqrskit serve` keeps it"
+            )
+
         async def go() -> T:
-            runtime = await open_runtime(_settings(data_dir))
+            runtime = await open_runtime(settings)
             try:
                 return await fn(runtime, **kwargs)
             finally:

@@ -11,27 +11,43 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CQRSKIT_", extra="ignore")
 
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=0, le=65535)
-    data_dir: Path = Path("./data")
+    host: str = Field(default="127.0.0.1", description="address the API listens on")
+    port: int = Field(default=8000, ge=0, le=65535, description="port the API listens on")
+    data_dir: Path = Field(default=Path("./data"), description="where the SQLite files live")
     command_db: str | None = Field(
-        default=None, description="event store URL; default sqlite:///<data_dir>/command.db"
+        default=None, description="event store URL (default sqlite:///<data dir>/command.db)"
     )
     query_db: str | None = Field(
-        default=None, description="view store URL; default sqlite:///<data_dir>/query.db"
+        default=None, description="view store URL (default sqlite:///<data dir>/query.db)"
     )
-    stream: str = "embedded"
+    stream: str = Field(
+        default="embedded", description="event stream; embedded = the event store's own log"
+    )
     domains: str = Field(
         default="cqrskit.domains.records",
-        description="comma-separated modules, each defining `domain` (or module:attribute)",
+        description="comma-separated modules that define `domain` (or module:attribute)",
     )
-    sqlite_synchronous: str = Field(default="FULL", pattern="^(OFF|NORMAL|FULL|EXTRA)$")
-    max_body_bytes: int = Field(default=1_048_576, ge=1024)
-    consistency_timeout: float = Field(default=5.0, ge=0, le=60)
-    retry_attempts: int = Field(default=3, ge=1, le=100)
-    retry_backoff: float = Field(default=0.1, ge=0)
-    aggregate_cache_size: int = Field(default=10_000, ge=0)
-    log_level: str = "INFO"
+    sqlite_synchronous: str = Field(
+        default="FULL", pattern="^(OFF|NORMAL|FULL|EXTRA)$",
+        description="FULL survives power loss; NORMAL survives a crash and is faster",
+    )
+    max_body_bytes: int = Field(
+        default=1_048_576, ge=1024, description="larger request bodies get 413"
+    )
+    consistency_timeout: float = Field(
+        default=5.0, ge=0, le=60,
+        description="seconds a query with a consistency token may wait for the views",
+    )
+    retry_attempts: int = Field(
+        default=3, ge=1, le=100, description="attempts at a failing event before it is parked"
+    )
+    retry_backoff: float = Field(
+        default=0.1, ge=0, description="seconds before the first retry; doubles each time"
+    )
+    aggregate_cache_size: int = Field(
+        default=10_000, ge=0, description="aggregates kept in memory between commands"
+    )
+    log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR")
 
     @property
     def command_db_url(self) -> str:
@@ -40,3 +56,12 @@ class Settings(BaseSettings):
     @property
     def query_db_url(self) -> str:
         return self.query_db or f"sqlite:///{self.data_dir / 'query.db'}"
+
+
+def environment_help() -> str:
+    """Every setting as its environment variable, default and meaning."""
+    lines = []
+    for name, field in Settings.model_fields.items():
+        default = "" if field.default is None else f" [{field.default}]"
+        lines.append(f"  CQRSKIT_{name.upper():<22}{field.description}{default}")
+    return "\n".join(lines)

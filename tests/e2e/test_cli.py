@@ -11,6 +11,9 @@ from typing import Any
 
 import pytest
 
+from cqrskit.bootstrap import open_runtime
+from cqrskit.config import Settings
+
 from .harness import Server, ServerPool, query_sqlite, run_cli, write_sqlite
 
 pytestmark = pytest.mark.e2e
@@ -60,9 +63,19 @@ def test_unknown_commands_and_projections_fail_clearly(tmp_path: Path) -> None:
     missing_arg = run_cli("projections", "rebuild", "--data-dir", str(tmp_path))
     assert missing_arg.returncode == 2
     assert "Missing argument 'NAME'" in missing_arg.stderr
+    empty = run_cli("projections", "rebuild", "records", "--data-dir", str(tmp_path))
+    assert empty.returncode == 1
+    assert "no cqrskit data in" in empty.stderr
+    assert not (tmp_path / "command.db").exists(), "a typo must not create databases"
+    asyncio.run(_initialise(tmp_path))
     bad = run_cli("projections", "rebuild", "nope", "--data-dir", str(tmp_path))
     assert bad.returncode == 1
     assert "no projection named 'nope' (known: records, statistics)" in bad.stderr
+
+
+async def _initialise(data_dir: Path) -> None:
+    runtime = await open_runtime(Settings(data_dir=data_dir))
+    await runtime.close()
 
 
 # ------------------------------------------------------------------ rebuild

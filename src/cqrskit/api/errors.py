@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -38,6 +39,23 @@ _HTTP_CODES = {
     405: "method_not_allowed", 406: "not_acceptable", 413: "payload_too_large",
     415: "unsupported_media_type",
 }
+
+
+class ErrorBody(BaseModel):
+    """Every error answer: a stable code to branch on and a message for a person."""
+
+    model_config = ConfigDict(extra="allow")
+
+    error: str
+    message: str
+
+
+def error_responses(**described: str) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for error statuses, e.g. error_responses(_404="not found")."""
+    return {
+        int(status.lstrip("_")): {"model": ErrorBody, "description": description}
+        for status, description in described.items()
+    }
 
 
 def error_response(

@@ -11,6 +11,7 @@ import orjson
 from fastapi import APIRouter, Header, Query, Request, Response
 from pydantic import BaseModel
 
+from cqrskit.api.errors import error_responses
 from cqrskit.bootstrap import Runtime
 from cqrskit.messages import IDENTIFIER_PATTERN, Command, CommandResult
 from cqrskit.registry import Domain
@@ -80,13 +81,16 @@ def _command_route(router: APIRouter, command_type: type[Command], runtime: Runt
         summary=f"Command: {command_type.name}",
         description=(command_type.__doc__ or "").strip(),
         name=f"command_{command_type.name}",
-        responses={
-            404: {"description": "the aggregate does not exist"},
-            409: {"description": "conflict: a business rule, a stale expected_version, "
-                                 "or an Idempotency-Key reused for another command"},
-            413: {"description": "body larger than the configured limit"},
-            422: {"description": "the body does not match the schema"},
-        },
+        responses=error_responses(
+            _400="the body is not valid JSON",
+            _404="the aggregate does not exist",
+            _409="conflict: a business rule, a stale expected_version, "
+                 "or an Idempotency-Key reused for another command",
+            _413="the body is larger than the configured limit",
+            _415="the body was not sent as application/json",
+            _422="the body does not match the schema",
+            _503="a store cannot be reached; retry later",
+        ),
     )
 
 
@@ -109,7 +113,12 @@ def _query_route(router: APIRouter, query_type: type[QueryModel], runtime: Runti
         summary=f"Query: {query_type.name}",
         description=(query_type.__doc__ or "").strip(),
         name=f"query_{query_type.name}",
-        responses={404: {"description": "not found"}, 422: {"description": "bad parameters"}},
+        responses=error_responses(
+            _400="a bad consistency token, cursor or filter",
+            _404="not found",
+            _422="the parameters do not match the schema",
+            _503="a store cannot be reached; retry later",
+        ),
     )
 
 
