@@ -7,6 +7,7 @@ Adapters implement these for one technology each (`cqrskit.stores.*`,
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -200,6 +201,21 @@ class ViewStore(ViewReader, Protocol):
     async def check(self) -> None: ...
 
     async def close(self) -> None: ...
+
+
+class RelayState(Protocol):
+    """Where the relay from the event log to the broker has got to, kept in the command DB.
+
+    Only one relay may publish at a time: `lead()` waits until this process holds
+    the leadership and keeps it until the context exits or the process dies (a
+    crashed leader's lock goes with its connection, so a standby takes over).
+    """
+
+    async def position(self) -> int: ...
+
+    async def save(self, position: int) -> None: ...
+
+    def lead(self) -> AbstractAsyncContextManager[None]: ...
 
 
 class Stream(Protocol):
