@@ -17,6 +17,7 @@ from cqrskit.errors import ConcurrencyConflict, IdempotencyKeyReused, Unavailabl
 from cqrskit.messages import CommandResult, NewEvent, new_id
 from cqrskit.ports import AppendRequest
 from cqrskit.stores import sqlite as sqlite_store
+from cqrskit.stores.group_commit import GroupCommitter
 from cqrskit.stores.sqlite import SqliteEventStore
 
 
@@ -51,14 +52,14 @@ def groups(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The size of every group the writer thread commits (including isolation re-runs)."""
     sizes: list[int] = []
     lock = threading.Lock()
-    original = sqlite_store.Database._run_group
+    original = GroupCommitter._run_group
 
-    def counting(self: Any, conn: sqlite3.Connection, jobs: list[Any]) -> None:
+    def counting(self: Any, jobs: list[Any]) -> None:
         with lock:
             sizes.append(len(jobs))
-        original(self, conn, jobs)
+        original(self, jobs)
 
-    monkeypatch.setattr(sqlite_store.Database, "_run_group", counting)
+    monkeypatch.setattr(GroupCommitter, "_run_group", counting)
     return sizes
 
 

@@ -12,13 +12,11 @@ import asyncio
 import base64
 import contextlib
 import logging
-import queue
 import re
 import sqlite3
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,12 +31,12 @@ from cqrskit.errors import (
 )
 from cqrskit.messages import CommandResult, Envelope, utc_now
 from cqrskit.ports import AppendRequest, Collection, DeadLetter, Page, StoredCommand
+from cqrskit.stores.group_commit import BatchHandler, GroupCommitter
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _PATH_SEGMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
-_MAX_BATCH = 512
 
 
 def path_from_url(url: str) -> Path:
@@ -52,18 +50,41 @@ def _dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
-# A batch handler runs many jobs of one kind in the open transaction and returns
-# one outcome per item: a result, or an exception meant for that item's caller
-# alone (raised before the item wrote anything). If the handler itself raises,
-# the group rolls back and each job is run again on its own.
-BatchHandler = Callable[[sqlite3.Connection, list[Any]], list[Any]]
+class _SqliteBackend:
+    """How the group committer connects to and runs transactions on one SQLite file."""
 
+    def __init__(self, path: Path, synchronous: str) -> None:
+        self.name = path.name
+        self.path = path
+        self.synchronous = synchronous
 
-@dataclass(slots=True)
-class _Job:
-    handler: BatchHandler
-    item: Any
-    future: asyncio.Future[Any]
+    def connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, timeout=30
+        )
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={self.synchronous}")
+        conn.execute("PRAGMA busy_timeout=30000")
+        return conn
+
+    def usable(self, conn: sqlite3.Connection) -> bool:
+        return True
+
+    def begin(self, conn: sqlite3.Connection) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+
+    def commit(self, conn: sqlite3.Connection) -> None:
+        conn.execute("COMMIT")
+
+    def rollback(self, conn: sqlite3.Connection) -> None:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+
+    def close(self, conn: sqlite3.Connection) -> None:
+        conn.close()
+
+    def translate(self, error: Exception) -> Exception:
+        return _as_unavailable(error, self.path)
 
 
 class Database:
@@ -74,47 +95,17 @@ class Database:
         on_commit: Callable[[], None] | None = None,
     ) -> None:
         self.path = path
-        self.synchronous = synchronous
-        self._on_commit = on_commit
-        self._jobs: queue.SimpleQueue[list[_Job] | None] = queue.SimpleQueue()
-        self._pending: list[_Job] = []
+        self._backend = _SqliteBackend(path, synchronous)
+        self._writer = GroupCommitter(self._backend, on_commit=on_commit)
         self._readers = ThreadPoolExecutor(readers, thread_name_prefix=f"sqlite-read-{path.name}")
         self._local = threading.local()
         self._reader_connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         self._closed = False
-        self._writer_connection = self._connect()
-        self._writer = threading.Thread(
-            target=self._write_loop, name=f"sqlite-write-{path.name}", daemon=True
-        )
-        self._writer.start()
 
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(
-            self.path, isolation_level=None, check_same_thread=False, timeout=30
-        )
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute(f"PRAGMA synchronous={self.synchronous}")
-        conn.execute("PRAGMA busy_timeout=30000")
-        return conn
-
-    async def submit(self, handler: BatchHandler, item: Any) -> Any:
+    async def submit(self, handler: BatchHandler[sqlite3.Connection], item: Any) -> Any:
         """Have `handler` process `item` in the next group-committed transaction."""
-        if self._closed:
-            raise Unavailable(f"database {self.path} is closed")
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        if not self._pending:
-            # Hand jobs over once per loop iteration: callers woken together by the
-            # last commit then land in the same group instead of trickling in.
-            loop.call_soon(self._hand_over)
-        self._pending.append(_Job(handler, item, future))
-        return await future
-
-    def _hand_over(self) -> None:
-        jobs, self._pending = self._pending, []
-        if jobs:
-            self._jobs.put(jobs)
+        return await self._writer.submit(handler, item)
 
     async def read(self, work: Callable[[sqlite3.Connection], T]) -> T:
         if self._closed:
@@ -125,83 +116,21 @@ class Database:
     def _read(self, work: Callable[[sqlite3.Connection], T]) -> T:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = self._local.conn = self._connect()
+            conn = self._local.conn = self._backend.connect()
             with self._lock:
                 self._reader_connections.append(conn)
         return work(conn)
-
-    def _write_loop(self) -> None:
-        conn = self._writer_connection
-        stop = False
-        while not stop:
-            first = self._jobs.get()
-            if first is None:
-                break
-            jobs = first
-            if not jobs:
-                continue
-            while len(jobs) < _MAX_BATCH:
-                try:
-                    more = self._jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    stop = True
-                    break
-                jobs.extend(more)
-            self._run_group(conn, jobs)
-        conn.close()
-
-    def _run_group(self, conn: sqlite3.Connection, jobs: list[_Job]) -> None:
-        outcomes: list[Any] = []
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            start = 0
-            while start < len(jobs):
-                handler = jobs[start].handler
-                end = start + 1
-                while end < len(jobs) and jobs[end].handler is handler:
-                    end += 1
-                outcomes.extend(handler(conn, [job.item for job in jobs[start:end]]))
-                start = end
-            conn.execute("COMMIT")
-        except Exception as error:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            if len(jobs) > 1:
-                # Isolate the job that failed; the others commit.
-                for job in jobs:
-                    self._run_group(conn, [job])
-                return
-            outcomes = [_as_unavailable(error, self.path)]
-        if self._on_commit is not None:
-            self._on_commit()
-        loop = jobs[0].future.get_loop()
-        loop.call_soon_threadsafe(_settle_all, jobs, outcomes)
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        # Jobs submitted in this loop iteration are handed over before the stop.
-        self._hand_over()
-        self._jobs.put(None)
-        await asyncio.to_thread(self._writer.join)
+        await self._writer.close()
         self._readers.shutdown(wait=True)
         with self._lock:
             for conn in self._reader_connections:
                 conn.close()
             self._reader_connections.clear()
-
-
-def _settle_all(jobs: list[_Job], outcomes: list[Any]) -> None:
-    for job, outcome in zip(jobs, outcomes, strict=True):
-        if job.future.done():
-            continue
-        if isinstance(outcome, Exception):
-            job.future.set_exception(outcome)
-        else:
-            job.future.set_result(outcome)
 
 
 def _as_unavailable(error: Exception, path: Path) -> Exception:
