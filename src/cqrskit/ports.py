@@ -6,7 +6,7 @@ Adapters implement these for one technology each (`cqrskit.stores.*`,
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -121,6 +121,10 @@ class ViewWriter(Protocol):
 
 class UnitOfWork(ViewWriter, Protocol):
     """One transaction on the query DB: view changes, checkpoints and dead letters."""
+
+    def prefetch(self, collection: str, doc_ids: Iterable[str]) -> None:
+        """A hint: load these documents in one round trip before they are asked for."""
+        ...
 
     def checkpoint(self, projection: str, partition: int) -> int: ...
 

@@ -69,6 +69,15 @@ class Projection:
     def event_classes(self) -> list[type[Event]]:
         return [event_type for event_type, _ in self._handlers.values()]
 
+    def documents_read(self, envelope: Envelope) -> Iterable[tuple[str, str]]:
+        """(collection, id) of the documents applying this event will read.
+
+        They are loaded for a whole batch in one round trip. The default guesses
+        one document per stream in each collection; override it when documents
+        are keyed otherwise. A wrong guess costs a round trip, never correctness.
+        """
+        return [(c.name, envelope.stream_id) for c in self.collections]
+
     def apply(self, envelope: Envelope, views: ViewWriter) -> None:
         entry = self._handlers.get(envelope.type)
         if entry is not None:

@@ -130,6 +130,7 @@ class ProjectionRunner:
         if stored < after:
             raise _CheckpointBehind(stored)
         parked = uow.parked_streams(self.name)
+        self._prefetch(uow, batch, stored)
         for index, envelope in enumerate(batch):
             if envelope.position <= stored:
                 continue
@@ -148,6 +149,15 @@ class ProjectionRunner:
         position = max(stored, batch[-1].position)
         uow.set_checkpoint(self.name, self.partition, position)
         return position
+
+    def _prefetch(self, uow: UnitOfWork, batch: Sequence[Envelope], stored: int) -> None:
+        wanted: dict[str, set[str]] = {}
+        for envelope in batch:
+            if envelope.position > stored and self.projection.handles(envelope.type):
+                for collection, doc_id in self.projection.documents_read(envelope):
+                    wanted.setdefault(collection, set()).add(doc_id)
+        for collection, doc_ids in wanted.items():
+            uow.prefetch(collection, doc_ids)
 
     async def _retry_or_park(self, envelope: Envelope, error: Exception) -> None:
         for attempt in range(1, self.retry.attempts):

@@ -115,6 +115,10 @@ class Records(Projection):
     name = "records"
     collections = (Collection("records"),)
 
+    def documents_read(self, envelope: Envelope) -> list[tuple[str, str]]:
+        # An insert only writes; updates read the document they replace.
+        return [] if envelope.type == "RecordInserted" else [("records", envelope.stream_id)]
+
     @projects(RecordInserted)
     def inserted(self, event: RecordInserted, envelope: Envelope, views: ViewWriter) -> None:
         views.put("records", envelope.stream_id, {
@@ -146,6 +150,9 @@ class Statistics(Projection):
 
     name = "statistics"
     collections = (Collection("stats_totals"), Collection("stats_by_day", indexed=("day",)))
+
+    def documents_read(self, envelope: Envelope) -> list[tuple[str, str]]:
+        return [("stats_totals", "all"), ("stats_by_day", envelope.recorded_at[:10])]
 
     def _count(self, envelope: Envelope, views: ViewWriter) -> None:
         day = envelope.recorded_at[:10]

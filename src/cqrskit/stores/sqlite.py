@@ -32,6 +32,7 @@ from cqrskit.errors import (
 from cqrskit.messages import CommandResult, Envelope, utc_now
 from cqrskit.ports import AppendRequest, Collection, DeadLetter, Page, StoredCommand
 from cqrskit.stores.group_commit import BatchHandler, GroupCommitter
+from cqrskit.stores.unit_of_work import BufferedUnitOfWork
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -386,9 +387,6 @@ _VIEW_STORE_SCHEMA = [
     """,
 ]
 
-_DELETED = object()
-
-
 def _table(collection: str) -> str:
     return f'"view_{collection}"'
 
@@ -415,125 +413,54 @@ _DEAD_LETTER_COLUMNS = (
 )
 
 
-class SqliteUnitOfWork:
-    """Buffers every change in memory and writes it in a few statements at the end.
-
-    Reads see the buffered changes first, so a batch that creates and then updates
-    a document reads its own writes without a round trip.
-    """
-
+class SqliteUnitOfWork(BufferedUnitOfWork):
     def __init__(self, conn: sqlite3.Connection, known: set[str]) -> None:
+        super().__init__(known)
         self.conn = conn
-        self.known = known
-        self.docs: dict[tuple[str, str], Any] = {}
-        self.dirty: set[tuple[str, str]] = set()
-        self.checkpoints: dict[tuple[str, int], int] = {}
-        self.parked: list[tuple[Any, ...]] = []
-        self.removed: list[int] = []
-        self.failures: list[tuple[str, int]] = []
-        self.cleared: list[str] = []
 
-    def _check(self, collection: str) -> None:
-        if collection not in self.known:
-            raise CqrskitError(f"collection {collection!r} is not declared by any projection")
+    def load(self, collection: str, doc_ids: list[str]) -> dict[str, dict[str, Any]]:
+        rows = self.conn.execute(
+            f"SELECT id, doc FROM {_table(collection)} WHERE id IN ({_in_clause(len(doc_ids))})",
+            doc_ids,
+        )
+        return {row[0]: orjson.loads(row[1]) for row in rows}
 
-    def get(self, collection: str, doc_id: str) -> dict[str, Any] | None:
-        key = (collection, doc_id)
-        if key in self.docs:
-            doc = self.docs[key]
-            return None if doc is _DELETED else doc
-        self._check(collection)
-        if collection in self.cleared:
-            return None
+    def load_checkpoint(self, projection: str, partition: int) -> int:
         row = self.conn.execute(
-            f"SELECT doc FROM {_table(collection)} WHERE id = ?", (doc_id,)
-        ).fetchone()
-        doc = orjson.loads(row[0]) if row else None
-        if doc is not None:
-            self.docs[key] = doc
-        return doc
-
-    def put(self, collection: str, doc_id: str, doc: dict[str, Any]) -> None:
-        self._check(collection)
-        self.docs[(collection, doc_id)] = doc
-        self.dirty.add((collection, doc_id))
-
-    def delete(self, collection: str, doc_id: str) -> None:
-        self._check(collection)
-        self.docs[(collection, doc_id)] = _DELETED
-        self.dirty.add((collection, doc_id))
-
-    def checkpoint(self, projection: str, partition: int) -> int:
-        key = (projection, partition)
-        if key in self.checkpoints:
-            return self.checkpoints[key]
-        row = self.conn.execute(
-            "SELECT position FROM checkpoints WHERE projection = ? AND partition = ?", key
+            "SELECT position FROM checkpoints WHERE projection = ? AND partition = ?",
+            (projection, partition),
         ).fetchone()
         return int(row[0]) if row else 0
 
-    def set_checkpoint(self, projection: str, partition: int, position: int) -> None:
-        self.checkpoints[(projection, partition)] = position
-
-    def parked_streams(self, projection: str) -> set[str]:
+    def load_parked_streams(self, projection: str) -> set[str]:
         rows = self.conn.execute(
             "SELECT DISTINCT stream_id FROM dead_letters WHERE projection = ?", (projection,)
-        ).fetchall()
-        return {row[0] for row in rows} | {
-            p[2] for p in self.parked if p[0] == projection
-        }
+        )
+        return {row[0] for row in rows}
 
-    def park(
-        self, projection: str, partition: int, envelope: Envelope, error: str, *,
-        attempts: int, is_cause: bool,
-    ) -> None:
-        self.parked.append((
-            projection, partition, envelope.stream_id, envelope.position,
-            _dumps(envelope.to_dict()), error, attempts, int(is_cause), utc_now().isoformat(),
-        ))
-
-    def dead_letters(self, projection: str, stream_id: str) -> list[DeadLetter]:
+    def load_dead_letters(self, projection: str, stream_id: str) -> list[DeadLetter]:
         rows = self.conn.execute(
             f"SELECT {_DEAD_LETTER_COLUMNS} FROM dead_letters "
             "WHERE projection = ? AND stream_id = ? ORDER BY position",
             (projection, stream_id),
         ).fetchall()
-        return [_dead_letter(row) for row in rows if row[0] not in self.removed]
-
-    def remove_dead_letter(self, dead_letter_id: int) -> None:
-        self.removed.append(dead_letter_id)
-
-    def record_failure(self, dead_letter_id: int, error: str) -> None:
-        self.failures.append((error, dead_letter_id))
-
-    def clear(self, collection: str) -> None:
-        self._check(collection)
-        self.cleared.append(collection)
-        for key in [k for k in self.docs if k[0] == collection]:
-            del self.docs[key]
-            self.dirty.discard(key)
+        return [_dead_letter(row) for row in rows]
 
     def flush(self) -> None:
         conn = self.conn
         for collection in self.cleared:
             conn.execute(f"DELETE FROM {_table(collection)}")
-        upserts: dict[str, list[tuple[str, str]]] = {}
-        deletes: dict[str, list[tuple[str]]] = {}
-        for key in self.dirty:
-            collection, doc_id = key
-            doc = self.docs[key]
-            if doc is _DELETED:
-                deletes.setdefault(collection, []).append((doc_id,))
-            else:
-                upserts.setdefault(collection, []).append((doc_id, _dumps(doc)))
-        for collection, rows in upserts.items():
+        upserts, deletes = self.changes()
+        for collection, docs in upserts.items():
             conn.executemany(
                 f"INSERT INTO {_table(collection)} (id, doc) VALUES (?, ?) "
                 "ON CONFLICT (id) DO UPDATE SET doc = excluded.doc",
-                rows,
+                [(doc_id, _dumps(doc)) for doc_id, doc in docs],
             )
-        for collection, keys in deletes.items():
-            conn.executemany(f"DELETE FROM {_table(collection)} WHERE id = ?", keys)
+        for collection, doc_ids in deletes.items():
+            conn.executemany(
+                f"DELETE FROM {_table(collection)} WHERE id = ?", [(i,) for i in doc_ids]
+            )
         if self.removed:
             conn.executemany(
                 "DELETE FROM dead_letters WHERE id = ?", [(i,) for i in self.removed]
@@ -549,7 +476,10 @@ class SqliteUnitOfWork:
                 "INSERT INTO dead_letters (projection, partition, stream_id, position, "
                 "envelope, error, attempts, is_cause, parked_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                self.parked,
+                [
+                    (p, part, e.stream_id, e.position, _dumps(e.to_dict()), err, n, int(c), at)
+                    for p, part, e, err, n, c, at in self.parked
+                ],
             )
         if self.checkpoints:
             now = utc_now().isoformat()
