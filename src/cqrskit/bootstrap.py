@@ -31,22 +31,38 @@ def load_domains(spec: str) -> list[Domain]:
     return domains
 
 
-def open_event_store(url: str, settings: Settings) -> EventStore:
+_SUPPORTED_DBS = "sqlite:///path or postgresql://user@host:port/database?schema=name"
+
+
+async def open_event_store(url: str, settings: Settings) -> EventStore:
     if url.startswith("sqlite:///"):
         from cqrskit.stores.sqlite import SqliteEventStore
 
         return SqliteEventStore.from_url(url, synchronous=settings.sqlite_synchronous)
-    raise CqrskitError(f"unsupported command DB URL {url!r}; this build supports sqlite:///path")
+    if url.startswith(("postgresql://", "postgres://")):
+        from cqrskit.stores.postgres import PostgresEventStore
+
+        return await PostgresEventStore.open(url)
+    raise CqrskitError(f"unsupported command DB URL {url!r}; use {_SUPPORTED_DBS}")
 
 
 async def open_view_store(url: str, settings: Settings, registry: Registry) -> ViewStore:
     if url.startswith("sqlite:///"):
         from cqrskit.stores.sqlite import SqliteViewStore
 
-        views = SqliteViewStore.from_url(url, synchronous=settings.sqlite_synchronous)
+        views: ViewStore = SqliteViewStore.from_url(url, synchronous=settings.sqlite_synchronous)
+    elif url.startswith(("postgresql://", "postgres://")):
+        from cqrskit.stores.postgres import PostgresViewStore
+
+        views = await PostgresViewStore.open(url)
+    else:
+        raise CqrskitError(f"unsupported query DB URL {url!r}; use {_SUPPORTED_DBS}")
+    try:
         await views.setup(registry.collections())
-        return views
-    raise CqrskitError(f"unsupported query DB URL {url!r}; this build supports sqlite:///path")
+    except BaseException:
+        await views.close()
+        raise
+    return views
 
 
 def open_stream(spec: str, store: EventStore) -> Stream:
@@ -79,7 +95,7 @@ class Runtime:
 async def open_runtime(settings: Settings, registry: Registry | None = None) -> Runtime:
     """Open the stores and stream and build the handlers; the processor is not started."""
     registry = registry or Registry(load_domains(settings.domains))
-    store = open_event_store(settings.command_db_url, settings)
+    store = await open_event_store(settings.command_db_url, settings)
     try:
         views = await open_view_store(settings.query_db_url, settings, registry)
     except BaseException:

@@ -1,4 +1,4 @@
-"""PostgreSQL adapters: the event store (command DB) and, later, the view store.
+"""PostgreSQL adapters: the event store (command DB) and the view store (query DB).
 
 URL: `postgresql://user:password@host:port/database?schema=name`. Every table
 lives in the schema (default `cqrskit`), so one database can hold several
@@ -19,9 +19,9 @@ import contextlib
 import logging
 import re
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import orjson
@@ -34,14 +34,27 @@ from cqrskit.errors import (
     ConcurrencyConflict,
     CqrskitError,
     IdempotencyKeyReused,
+    InvalidRequest,
     Unavailable,
 )
 from cqrskit.messages import CommandResult, Envelope
-from cqrskit.ports import AppendRequest, StoredCommand
+from cqrskit.ports import (
+    AppendRequest,
+    Collection,
+    DeadLetter,
+    Page,
+    StoredCommand,
+    UnitOfWork,
+)
+from cqrskit.stores.cursors import decode_cursor, encode_cursor
+from cqrskit.stores.group_commit import GroupCommitter
+from cqrskit.stores.unit_of_work import BufferedUnitOfWork
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_PATH_SEGMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _MAX_GROUP = 512
 
 
@@ -395,4 +408,351 @@ class PostgresEventStore:
                 await self._listener
         if self._groups:
             await asyncio.gather(*self._groups, return_exceptions=True)
+        await self.pool.close()
+
+
+# ----------------------------------------------------------------- view store
+
+
+def _view_store_schema(s: str) -> list[str]:
+    return [
+        f"""
+        CREATE TABLE IF NOT EXISTS {s}.checkpoints (
+            projection TEXT NOT NULL,
+            partition INTEGER NOT NULL,
+            position BIGINT NOT NULL,
+            updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+            PRIMARY KEY (projection, partition)
+        );
+        CREATE TABLE IF NOT EXISTS {s}.dead_letters (
+            id BIGSERIAL PRIMARY KEY,
+            projection TEXT NOT NULL,
+            partition INTEGER NOT NULL,
+            stream_id TEXT NOT NULL,
+            position BIGINT NOT NULL,
+            envelope JSONB NOT NULL,
+            error TEXT NOT NULL,
+            attempts INTEGER NOT NULL,
+            is_cause BOOLEAN NOT NULL,
+            parked_at TIMESTAMPTZ NOT NULL,
+            UNIQUE (projection, position)
+        );
+        CREATE INDEX IF NOT EXISTS dead_letters_by_stream
+            ON {s}.dead_letters (projection, stream_id, position);
+        """,
+    ]
+
+
+_DEAD_LETTER_COLUMNS = (
+    "id, projection, partition, stream_id, position, envelope, error, attempts, is_cause, "
+    "parked_at"
+)
+
+
+def _dead_letter(row: Sequence[Any]) -> DeadLetter:
+    return DeadLetter(
+        id=row[0], projection=row[1], partition=row[2], stream_id=row[3], position=row[4],
+        envelope=Envelope.from_dict(row[5]), error=row[6], attempts=row[7],
+        is_cause=row[8], parked_at=row[9].isoformat(),
+    )
+
+
+def _containment(filters: Mapping[str, Any]) -> dict[str, Any]:
+    """{"data.color": "red"} → {"data": {"color": "red"}}, for `doc @> %s`."""
+    nested: dict[str, Any] = {}
+    for field, value in filters.items():
+        segments = field.split(".")
+        if not all(_PATH_SEGMENT.match(s) for s in segments):
+            raise InvalidRequest(
+                f"field {field!r} is not a dotted path of identifiers (letters, digits, _)"
+            )
+        if isinstance(value, (dict, list)):
+            raise InvalidRequest(f"filter on {field!r} must compare with a scalar value")
+        node = nested
+        for segment in segments[:-1]:
+            child = node.setdefault(segment, {})
+            if not isinstance(child, dict):
+                raise InvalidRequest(f"filters on {field!r} and its parent contradict")
+            node = child
+        node[segments[-1]] = value
+    return nested
+
+
+class _WriterBackend:
+    """A synchronous connection for the view store's group-committing writer thread."""
+
+    def __init__(self, url: PostgresUrl) -> None:
+        self.name = f"postgres-{url.schema}-views"
+        self.url = url
+
+    def connect(self) -> psycopg.Connection[Any]:
+        try:
+            # Autocommit with explicit BEGIN/COMMIT, so that each unit of work's
+            # `conn.transaction()` is a savepoint inside the group's transaction.
+            conn = psycopg.connect(self.url.conninfo, autocommit=True)
+        except psycopg.OperationalError as error:
+            raise _unavailable(error) from error
+        set_json_loads(orjson.loads, conn)
+        return conn
+
+    def usable(self, conn: psycopg.Connection[Any]) -> bool:
+        return not conn.closed and not conn.broken
+
+    def begin(self, conn: psycopg.Connection[Any]) -> None:
+        conn.execute("BEGIN")
+
+    def commit(self, conn: psycopg.Connection[Any]) -> None:
+        conn.execute("COMMIT")
+
+    def rollback(self, conn: psycopg.Connection[Any]) -> None:
+        if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            conn.execute("ROLLBACK")
+
+    def close(self, conn: psycopg.Connection[Any]) -> None:
+        conn.close()
+
+    def translate(self, error: Exception) -> Exception:
+        if isinstance(error, (psycopg.OperationalError, Unavailable)):
+            return error if isinstance(error, Unavailable) else _unavailable(error)
+        log.error("view store write on %s failed", self.url.schema, exc_info=error)
+        return error
+
+
+class PostgresUnitOfWork(BufferedUnitOfWork):
+    def __init__(self, conn: psycopg.Connection[Any], schema: str, known: set[str]) -> None:
+        super().__init__(known)
+        self.conn = conn
+        self.schema = schema
+
+    def _table(self, collection: str) -> str:
+        return f"{self.schema}.view_{collection}"
+
+    def load(self, collection: str, doc_ids: list[str]) -> dict[str, dict[str, Any]]:
+        rows = self.conn.execute(
+            f"SELECT id, doc FROM {self._table(collection)} WHERE id = ANY(%s)", (doc_ids,)
+        ).fetchall()
+        return {row[0]: row[1] for row in rows}
+
+    def load_checkpoint(self, projection: str, partition: int) -> int:
+        # Locking the row serialises every processor of this projection and partition.
+        self.conn.execute(
+            f"INSERT INTO {self.schema}.checkpoints (projection, partition, position) "
+            "VALUES (%s, %s, 0) ON CONFLICT DO NOTHING",
+            (projection, partition),
+        )
+        row = self.conn.execute(
+            f"SELECT position FROM {self.schema}.checkpoints "
+            "WHERE projection = %s AND partition = %s FOR UPDATE",
+            (projection, partition),
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def load_parked_streams(self, projection: str) -> set[str]:
+        rows = self.conn.execute(
+            f"SELECT DISTINCT stream_id FROM {self.schema}.dead_letters WHERE projection = %s",
+            (projection,),
+        ).fetchall()
+        return {row[0] for row in rows}
+
+    def load_dead_letters(self, projection: str, stream_id: str) -> list[DeadLetter]:
+        rows = self.conn.execute(
+            f"SELECT {_DEAD_LETTER_COLUMNS} FROM {self.schema}.dead_letters "
+            "WHERE projection = %s AND stream_id = %s ORDER BY position",
+            (projection, stream_id),
+        ).fetchall()
+        return [_dead_letter(row) for row in rows]
+
+    def flush(self) -> None:
+        conn, s = self.conn, self.schema
+        for collection in self.cleared:
+            conn.execute(f"DELETE FROM {self._table(collection)}")
+        upserts, deletes = self.changes()
+        for collection, docs in upserts.items():
+            conn.execute(
+                f"INSERT INTO {self._table(collection)} (id, doc) "
+                "SELECT id, doc::jsonb FROM unnest(%s::text[], %s::text[]) AS u(id, doc) "
+                "ON CONFLICT (id) DO UPDATE SET doc = excluded.doc",
+                ([d[0] for d in docs], [orjson.dumps(d[1]).decode() for d in docs]),
+            )
+        for collection, doc_ids in deletes.items():
+            conn.execute(f"DELETE FROM {self._table(collection)} WHERE id = ANY(%s)", (doc_ids,))
+        if self.removed:
+            conn.execute(f"DELETE FROM {s}.dead_letters WHERE id = ANY(%s)", (self.removed,))
+        with conn.cursor() as cursor:
+            if self.failures:
+                cursor.executemany(
+                    f"UPDATE {s}.dead_letters SET error = %s, attempts = attempts + 1, "
+                    "is_cause = true WHERE id = %s",
+                    self.failures,
+                )
+            if self.parked:
+                cursor.executemany(
+                    f"INSERT INTO {s}.dead_letters (projection, partition, stream_id, position, "
+                    "envelope, error, attempts, is_cause, parked_at) "
+                    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                    [
+                        (p, part, e.stream_id, e.position, Jsonb(e.to_dict()), err, n, c, at)
+                        for p, part, e, err, n, c, at in self.parked
+                    ],
+                )
+            if self.checkpoints:
+                cursor.executemany(
+                    f"INSERT INTO {s}.checkpoints (projection, partition, position, updated_at) "
+                    "VALUES (%s, %s, %s, now()) ON CONFLICT (projection, partition) "
+                    "DO UPDATE SET position = excluded.position, updated_at = now()",
+                    [(p, part, pos) for (p, part), pos in self.checkpoints.items()],
+                )
+
+
+class PostgresViewStore:
+    """The query DB on PostgreSQL: one JSONB table per collection, GIN-indexed for filters.
+
+    Reads use an async pool; writes go through one group-committing writer thread
+    with its own connection, because projections are plain synchronous code.
+    """
+
+    def __init__(self, url: PostgresUrl, pool: AsyncConnectionPool) -> None:
+        self.url = url
+        self.schema = url.schema
+        self.pool = pool
+        self.collections: dict[str, Collection] = {}
+        self._writer = GroupCommitter(_WriterBackend(url))
+
+    @classmethod
+    async def open(cls, url: str, *, pool_size: int = 8) -> PostgresViewStore:
+        parsed = PostgresUrl.parse(url)
+        pool = AsyncConnectionPool(
+            parsed.conninfo, min_size=1, max_size=pool_size, open=False, timeout=5,
+            kwargs={"autocommit": True}, configure=_configure,
+        )
+        async with _translated():
+            await pool.open(wait=True, timeout=10)
+            try:
+                async with pool.connection() as conn:
+                    await migrate(conn, parsed.schema, "view_store",
+                                  _view_store_schema(parsed.schema))
+            except BaseException:
+                await pool.close()
+                raise
+        return cls(parsed, pool)
+
+    async def setup(self, collections: Sequence[Collection]) -> None:
+        async with _translated(), self.pool.connection() as conn, conn.transaction():
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(%s)", (zlib.crc32(self.schema.encode()),)
+            )
+            for collection in collections:
+                self.collections[collection.name] = collection
+                table = f"{self.schema}.view_{collection.name}"
+                await conn.execute(
+                    f"CREATE TABLE IF NOT EXISTS {table} (id TEXT PRIMARY KEY, doc JSONB NOT NULL)"
+                )
+                await conn.execute(
+                    f"CREATE INDEX IF NOT EXISTS view_{collection.name}_doc "
+                    f"ON {table} USING GIN (doc jsonb_path_ops)"
+                )
+
+    async def run(self, work: Callable[[UnitOfWork], T]) -> T:
+        result: T = await self._writer.submit(self._run_units, work)
+        return result
+
+    def _run_units(
+        self, conn: psycopg.Connection[Any], works: list[Callable[[UnitOfWork], Any]]
+    ) -> list[Any]:
+        outcomes: list[Any] = []
+        for work in works:
+            uow = PostgresUnitOfWork(conn, self.schema, set(self.collections))
+            try:
+                with conn.transaction():
+                    # A savepoint per unit: a failing projection undoes only its own reads
+                    # and locks; its writes were never sent (they wait for flush).
+                    result = work(uow)
+                    uow.flush()
+            except psycopg.Error:
+                raise
+            except Exception as error:
+                outcomes.append(error)
+                continue
+            outcomes.append(result)
+        return outcomes
+
+    def _known(self, collection: str) -> Collection:
+        try:
+            return self.collections[collection]
+        except KeyError:
+            raise CqrskitError(f"collection {collection!r} is not set up") from None
+
+    async def _fetch(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        async with _translated(), self.pool.connection() as conn:
+            cursor = conn.cursor(row_factory=tuple_row)
+            await cursor.execute(sql, params)
+            return await cursor.fetchall()
+
+    async def get(self, collection: str, doc_id: str) -> dict[str, Any] | None:
+        self._known(collection)
+        rows = await self._fetch(
+            f"SELECT doc FROM {self.schema}.view_{collection} WHERE id = %s", (doc_id,)
+        )
+        return rows[0][0] if rows else None
+
+    async def find(
+        self,
+        collection: str,
+        filters: Mapping[str, Any],
+        *,
+        after: str | None = None,
+        limit: int = 50,
+        descending: bool = False,
+    ) -> Page:
+        if limit < 1:
+            raise InvalidRequest(f"limit must be at least 1, not {limit}")
+        self._known(collection)
+        clauses: list[str] = []
+        params: list[Any] = []
+        if filters:
+            clauses.append("doc @> %s")
+            params.append(Jsonb(_containment(filters)))
+        if after is not None:
+            clauses.append("id < %s" if descending else "id > %s")
+            params.append(decode_cursor(after))
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        order = "DESC" if descending else "ASC"
+        params.append(limit + 1)
+        rows = await self._fetch(
+            f"SELECT id, doc FROM {self.schema}.view_{collection} {where} "
+            f"ORDER BY id COLLATE \"C\" {order} LIMIT %s",
+            params,
+        )
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return Page([row[1] for row in rows], encode_cursor(rows[-1][0]) if more else None)
+
+    async def checkpoints(self) -> dict[tuple[str, int], int]:
+        rows = await self._fetch(
+            f"SELECT projection, partition, position FROM {self.schema}.checkpoints", ()
+        )
+        return {(row[0], row[1]): row[2] for row in rows}
+
+    async def list_dead_letters(self, projection: str | None = None) -> list[DeadLetter]:
+        sql = f"SELECT {_DEAD_LETTER_COLUMNS} FROM {self.schema}.dead_letters"
+        if projection is None:
+            rows = await self._fetch(sql + " ORDER BY projection, position", ())
+        else:
+            rows = await self._fetch(
+                sql + " WHERE projection = %s ORDER BY position", (projection,)
+            )
+        return [_dead_letter(row) for row in rows]
+
+    async def get_dead_letter(self, dead_letter_id: int) -> DeadLetter | None:
+        rows = await self._fetch(
+            f"SELECT {_DEAD_LETTER_COLUMNS} FROM {self.schema}.dead_letters WHERE id = %s",
+            (dead_letter_id,),
+        )
+        return _dead_letter(rows[0]) if rows else None
+
+    async def check(self) -> None:
+        await self._fetch("SELECT 1", ())
+
+    async def close(self) -> None:
+        await self._writer.close()
         await self.pool.close()

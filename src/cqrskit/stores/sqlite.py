@@ -9,7 +9,6 @@ ten times slower on this workload.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
 import re
@@ -31,6 +30,7 @@ from cqrskit.errors import (
 )
 from cqrskit.messages import CommandResult, Envelope, utc_now
 from cqrskit.ports import AppendRequest, Collection, DeadLetter, Page, StoredCommand
+from cqrskit.stores.cursors import decode_cursor, encode_cursor
 from cqrskit.stores.group_commit import BatchHandler, GroupCommitter
 from cqrskit.stores.unit_of_work import BufferedUnitOfWork
 
@@ -646,15 +646,3 @@ class SqliteViewStore:
 
     async def close(self) -> None:
         await self.db.close()
-
-
-def encode_cursor(doc_id: str) -> str:
-    return base64.urlsafe_b64encode(doc_id.encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> str:
-    try:
-        padded = (cursor + "=" * (-len(cursor) % 4)).encode()
-        return base64.b64decode(padded, altchars=b"-_", validate=True).decode()
-    except ValueError:
-        raise InvalidRequest(f"cursor {cursor!r} is not one this service handed out") from None
