@@ -121,59 +121,74 @@ def _event_store_schema(s: str) -> list[str]:
             position BIGINT NOT NULL,
             recorded_at TIMESTAMPTZ NOT NULL
         );
+        -- Appends a group of commands. The caller sends no two requests for one
+        -- stream or one command id in a group, so the whole group is judged and
+        -- written set-based, in one statement.
         CREATE OR REPLACE FUNCTION {s}.append_events(requests JSONB) RETURNS JSONB
         LANGUAGE plpgsql AS $$
         DECLARE
-            req JSONB;
-            ev JSONB;
-            seen RECORD;
-            outcomes JSONB[] := '{{}}';
             last_position BIGINT;
-            current_version INTEGER;
+            outcomes JSONB;
             now_ts TIMESTAMPTZ := clock_timestamp();
         BEGIN
             -- Held until commit: positions become visible in commit order, gap-free.
             PERFORM pg_advisory_xact_lock({lock_key});
             SELECT coalesce(max(position), 0) INTO last_position FROM {s}.events;
-            FOR req IN SELECT value FROM jsonb_array_elements(requests) LOOP
-                SELECT c.command_hash, c.stream_id, c.version, c.position INTO seen
-                    FROM {s}.commands c WHERE c.command_id = req->>'command_id';
-                IF FOUND THEN
-                    IF seen.command_hash <> req->>'command_hash' THEN
-                        outcomes := outcomes || jsonb_build_object('error', 'reused');
-                    ELSE
-                        outcomes := outcomes || jsonb_build_object(
-                            'replayed', true, 'stream_id', seen.stream_id,
-                            'version', seen.version, 'position', seen.position);
-                    END IF;
-                    CONTINUE;
-                END IF;
-                SELECT coalesce(max(e.version), 0) INTO current_version
-                    FROM {s}.events e WHERE e.stream_id = req->>'stream_id';
-                IF current_version <> (req->>'expected_version')::INTEGER THEN
-                    outcomes := outcomes || jsonb_build_object(
-                        'error', 'conflict', 'current', current_version);
-                    CONTINUE;
-                END IF;
-                FOR ev IN SELECT value FROM jsonb_array_elements(req->'events') LOOP
-                    current_version := current_version + 1;
-                    last_position := last_position + 1;
-                    INSERT INTO {s}.events (position, event_id, stream_id, stream_type,
-                        version, type, schema_version, data, metadata, recorded_at)
-                    VALUES (last_position, ev->>'event_id', req->>'stream_id',
-                        req->>'stream_type', current_version, ev->>'type',
-                        (ev->>'schema_version')::INTEGER, ev->'data', req->'metadata', now_ts);
-                END LOOP;
+            WITH r AS (
+                SELECT t.i, t.req, t.req->>'command_id' AS command_id,
+                       t.req->>'stream_id' AS stream_id,
+                       jsonb_array_length(t.req->'events') AS n
+                FROM jsonb_array_elements(requests) WITH ORDINALITY AS t(req, i)
+            ), known AS (
+                -- = ANY(ARRAY(...)) rather than IN (SELECT ...): it uses the index.
+                SELECT c.* FROM {s}.commands c
+                WHERE c.command_id = ANY(ARRAY(SELECT command_id FROM r))
+            ), heads AS (
+                SELECT e.stream_id, max(e.version) AS version FROM {s}.events e
+                WHERE e.stream_id = ANY(ARRAY(SELECT stream_id FROM r))
+                GROUP BY e.stream_id
+            ), judged AS (
+                SELECT r.*, k.command_hash AS known_hash, k.stream_id AS known_stream,
+                       k.version AS known_version, k.position AS known_position,
+                       coalesce(h.version, 0) AS head
+                FROM r LEFT JOIN known k USING (command_id)
+                       LEFT JOIN heads h ON h.stream_id = r.stream_id
+            ), accepted AS (
+                SELECT j.i, j.req, j.command_id, j.stream_id, j.n, j.head,
+                       last_position + sum(j.n) OVER (ORDER BY j.i) AS end_position
+                FROM judged j
+                WHERE j.known_hash IS NULL AND j.head = (j.req->>'expected_version')::INTEGER
+            ), stored_events AS (
+                INSERT INTO {s}.events (position, event_id, stream_id, stream_type, version,
+                    type, schema_version, data, metadata, recorded_at)
+                SELECT a.end_position - a.n + e.k, e.ev->>'event_id', a.stream_id,
+                       a.req->>'stream_type', a.head + e.k, e.ev->>'type',
+                       (e.ev->>'schema_version')::INTEGER, e.ev->'data', a.req->'metadata',
+                       now_ts
+                FROM accepted a,
+                     jsonb_array_elements(a.req->'events') WITH ORDINALITY AS e(ev, k)
+            ), stored_commands AS (
                 INSERT INTO {s}.commands (command_id, command_hash, stream_id, version,
                     position, recorded_at)
-                VALUES (req->>'command_id', req->>'command_hash', req->>'stream_id',
-                    current_version, last_position, now_ts);
-                outcomes := outcomes || jsonb_build_object(
-                    'stream_id', req->>'stream_id', 'version', current_version,
-                    'position', last_position);
-            END LOOP;
+                SELECT a.command_id, a.req->>'command_hash', a.stream_id, a.head + a.n,
+                       a.end_position, now_ts
+                FROM accepted a
+            )
+            SELECT jsonb_agg(CASE
+                WHEN j.known_hash IS NOT NULL AND j.known_hash <> j.req->>'command_hash'
+                    THEN jsonb_build_object('error', 'reused')
+                WHEN j.known_hash IS NOT NULL
+                    THEN jsonb_build_object('replayed', true, 'stream_id', j.known_stream,
+                        'version', j.known_version, 'position', j.known_position)
+                WHEN a.i IS NULL
+                    THEN jsonb_build_object('error', 'conflict', 'current', j.head)
+                ELSE jsonb_build_object('stream_id', j.stream_id, 'version', j.head + j.n,
+                    'position', a.end_position)
+                END ORDER BY j.i)
+            INTO outcomes
+            FROM judged j LEFT JOIN accepted a ON a.i = j.i;
             PERFORM pg_notify('{s}_events', last_position::TEXT);
-            RETURN to_jsonb(outcomes);
+            RETURN coalesce(outcomes, '[]'::JSONB);
         END $$;
         """,
     ]
@@ -231,6 +246,26 @@ def _outcome(request: AppendRequest, answer: dict[str, Any]) -> Any:
         request.command_id, answer["stream_id"], answer["version"], answer["position"],
         replayed=bool(answer.get("replayed")),
     )
+
+
+def _waves(group: list[tuple[AppendRequest, T]]) -> list[list[tuple[AppendRequest, T]]]:
+    """Split a group so no wave holds two requests for one stream or one command id.
+
+    The SQL function judges a wave set-based, so a later request on the same
+    stream must see the earlier one stored: it goes in a later wave, sent after.
+    """
+    waves: list[list[tuple[AppendRequest, T]]] = []
+    last_wave: dict[str, int] = {}
+    for item in group:
+        request = item[0]
+        keys = ("s:" + request.stream_id, "c:" + request.command_id)
+        index = max((last_wave.get(k, -1) for k in keys), default=-1) + 1
+        if index == len(waves):
+            waves.append([])
+        waves[index].append(item)
+        for key in keys:
+            last_wave[key] = index
+    return waves
 
 
 def _request_json(request: AppendRequest) -> dict[str, Any]:
@@ -294,9 +329,16 @@ class PostgresEventStore:
     def _send_group(self) -> None:
         pending, self._pending = self._pending, []
         for start in range(0, len(pending), _MAX_GROUP):
-            task = asyncio.create_task(self._append_group(pending[start : start + _MAX_GROUP]))
+            waves = _waves(pending[start : start + _MAX_GROUP])
+            task = asyncio.create_task(self._append_waves(waves))
             self._groups.add(task)
             task.add_done_callback(self._groups.discard)
+
+    async def _append_waves(
+        self, waves: list[list[tuple[AppendRequest, asyncio.Future[Any]]]]
+    ) -> None:
+        for wave in waves:
+            await self._append_group(wave)
 
     async def _append_group(
         self, group: list[tuple[AppendRequest, asyncio.Future[Any]]]
