@@ -19,7 +19,7 @@ import contextlib
 import logging
 import re
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -190,6 +190,12 @@ def _event_store_schema(s: str) -> list[str]:
             PERFORM pg_notify('{s}_events', last_position::TEXT);
             RETURN coalesce(outcomes, '[]'::JSONB);
         END $$;
+        """,
+        f"""
+        CREATE TABLE IF NOT EXISTS {s}.relay (
+            name TEXT PRIMARY KEY,
+            position BIGINT NOT NULL
+        );
         """,
     ]
 
@@ -451,6 +457,48 @@ class PostgresEventStore:
         if self._groups:
             await asyncio.gather(*self._groups, return_exceptions=True)
         await self.pool.close()
+
+
+class PostgresRelayState:
+    """The relay's position in the command DB; one leader at a time by a session
+    advisory lock, held on a connection of its own: if the leader dies, its
+    connection closes, the lock is released and a standby takes over."""
+
+    def __init__(self, store: PostgresEventStore, name: str = "relay", poll: float = 1.0):
+        self.store = store
+        self.name = name
+        self.poll = poll
+        self.lock_key = zlib.crc32(f"{store.schema}.relay.{name}".encode())
+
+    async def position(self) -> int:
+        rows = await self.store._fetch(
+            f"SELECT position FROM {self.store.schema}.relay WHERE name = %s", (self.name,)
+        )
+        return int(rows[0][0]) if rows else 0
+
+    async def save(self, position: int) -> None:
+        # GREATEST: a deposed leader finishing late never moves the position back.
+        await self.store._fetch(
+            f"INSERT INTO {self.store.schema}.relay AS r (name, position) VALUES (%s, %s) "
+            "ON CONFLICT (name) DO UPDATE SET position = GREATEST(r.position, excluded.position) "
+            "RETURNING position",
+            (self.name, position),
+        )
+
+    @contextlib.asynccontextmanager
+    async def lead(self) -> AsyncIterator[None]:
+        async with _translated():
+            conn = await psycopg.AsyncConnection.connect(
+                self.store.url.conninfo, autocommit=True
+            )
+        async with conn:
+            while True:
+                cursor = await conn.execute("SELECT pg_try_advisory_lock(%s)", (self.lock_key,))
+                row = await cursor.fetchone()
+                if row and row[0]:
+                    break
+                await asyncio.sleep(self.poll)
+            yield
 
 
 # ----------------------------------------------------------------- view store

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import os
 import re
 import sqlite3
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -166,6 +168,12 @@ _EVENT_STORE_SCHEMA = [
         version INTEGER NOT NULL,
         position INTEGER NOT NULL,
         recorded_at TEXT NOT NULL
+    ) WITHOUT ROWID;
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS relay (
+        name TEXT PRIMARY KEY,
+        position INTEGER NOT NULL
     ) WITHOUT ROWID;
     """,
 ]
@@ -356,6 +364,54 @@ def _append_batch(conn: sqlite3.Connection, requests: list[AppendRequest]) -> li
         command_rows,
     )
     return outcomes
+
+
+class SqliteRelayState:
+    """The relay's position in the command DB; one leader per file, by an OS file lock.
+
+    The lock dies with its process, so a standby relay takes over from a crashed one.
+    """
+
+    def __init__(self, store: SqliteEventStore, name: str = "relay", poll: float = 0.5):
+        self.db = store.db
+        self.name = name
+        self.poll = poll
+        self.lock_path = store.db.path.with_suffix(f".{name}.lock")
+
+    async def position(self) -> int:
+        def work(conn: sqlite3.Connection) -> int:
+            row = conn.execute("SELECT position FROM relay WHERE name = ?", (self.name,))
+            found = row.fetchone()
+            return int(found[0]) if found else 0
+
+        return await self.db.read(work)
+
+    async def save(self, position: int) -> None:
+        await self.db.submit(_save_relay_positions, (self.name, position))
+
+    @contextlib.asynccontextmanager
+    async def lead(self) -> AsyncIterator[None]:
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    await asyncio.sleep(self.poll)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
+
+
+def _save_relay_positions(conn: sqlite3.Connection, items: list[tuple[str, int]]) -> list[Any]:
+    # max(): a deposed leader finishing late never moves the position back.
+    conn.executemany(
+        "INSERT INTO relay (name, position) VALUES (?, ?) ON CONFLICT (name) "
+        "DO UPDATE SET position = max(position, excluded.position)",
+        items,
+    )
+    return [None] * len(items)
 
 
 # ----------------------------------------------------------------- view store
