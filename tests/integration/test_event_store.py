@@ -273,7 +273,9 @@ async def test_migrations_are_idempotent(tmp_path: Path) -> None:
         await store.close()
     sqlite_store._migrate(path, sqlite_store._EVENT_STORE_SCHEMA)
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(
+            sqlite_store._EVENT_STORE_SCHEMA
+        )
         assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 3
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     conn.close()
