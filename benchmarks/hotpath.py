@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from benchmarks.append import commands_per_second, insert_records
-from benchmarks.rebuild import write_log
+from benchmarks.rebuild import create_schemas, write_log
 from cqrskit.bootstrap import open_runtime
 from cqrskit.config import Settings
 from cqrskit.update_processor import rebuild
@@ -36,11 +36,9 @@ async def append(directory: Path, commands: int, synchronous: str, clients: int)
 
 
 async def replay(directory: Path, events: int, projection: str) -> None:
-    settings = Settings(data_dir=directory)
-    rt = await open_runtime(settings)
-    await rt.close()
+    await create_schemas(directory)
     write_log(directory / "command.db", events)
-    rt = await open_runtime(settings)
+    rt = await open_runtime(Settings(data_dir=directory))
     try:
         start = time.perf_counter()
         await rebuild(rt.registry.projection(projection), rt.registry, rt.views, rt.stream,

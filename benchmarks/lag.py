@@ -4,10 +4,9 @@ With the update processor running in the same process (as `cqrskit serve` runs
 it), 8 closed-loop clients first measure the max insert rate (the processor is
 stopped meanwhile, as in the append workload). Then an open-loop load offers half
 that rate for a few seconds, alternating InsertRecord and UpdateRecord, then a
-quarter of it. For each
-command the clock starts when `handle` returns (accepted, durable) and stops when
-the in-process `Checkpoints` say every projection has processed its consistency
-token, the same wait a query carrying the token does.
+quarter of it. For each command the clock starts when `handle` returns (accepted,
+durable) and stops when the in-process `Checkpoints` say every projection has
+processed its consistency token, the same wait a query carrying the token does.
 """
 
 from __future__ import annotations
@@ -30,7 +29,10 @@ CALIBRATION = "max insert rate · 8 clients (calibration)"
 # The load the issue asks for (half the max rate), and a lighter one that shows the
 # lag of a processor that is not saturated.
 LOADS = ((0.5, "½ max"), (0.25, "¼ max"))
+# A command not visible after this long counts as a timeout (its latency is then
+# recorded as this long: look at the timeouts row before trusting the percentiles).
 VISIBLE_TIMEOUT = 30.0
+CATCH_UP_TIMEOUT = 600.0
 _TICK = 0.002
 _PAYLOADS = [payload(i) for i in range(256)]
 
@@ -98,10 +100,15 @@ async def _steady(
 
 
 async def _catch_up(rt: Runtime) -> None:
-    """Wait until every projection has processed the whole log."""
+    """Wait until every projection has processed the whole log, so that one load level
+    does not start with the backlog of the one before."""
     last = await rt.store.last_position()
     token = ConsistencyToken(last, 0)
-    await rt.checkpoints.wait(list(rt.registry.projections), token, VISIBLE_TIMEOUT)
+    projections = list(rt.registry.projections)
+    for _ in range(round(CATCH_UP_TIMEOUT / VISIBLE_TIMEOUT)):
+        if await rt.checkpoints.wait(projections, token, VISIBLE_TIMEOUT):
+            return
+    raise TimeoutError(f"the projections did not catch up within {CATCH_UP_TIMEOUT}s")
 
 
 async def _measure(directory: Path, size: Size) -> list[Measurement]:
@@ -134,6 +141,8 @@ async def _measure(directory: Path, size: Size) -> list[Measurement]:
                 Measurement(NAME, f"{visible} · p50", percentile(visible_ms, 50), "ms"),
                 Measurement(NAME, f"{visible} · p99", percentile(visible_ms, 99), "ms"),
                 Measurement(NAME, f"{visible} · max", max(visible_ms), "ms"),
+                Measurement(NAME, f"{label} · not visible within {VISIBLE_TIMEOUT:.0f} s",
+                            100 * timeouts / issued, "%"),
             ]
     finally:
         await rt.close()

@@ -40,6 +40,8 @@ def test_every_workload_runs_at_tiny_size(tmp_path: Path) -> None:
             # Memory growth may be zero; a peak cannot be below where it started.
             if "peak" in r["case"]:
                 assert r["median"] >= 0, r
+        elif r["unit"] == "%":
+            assert 0 <= r["median"] <= 100, r
         else:
             assert r["median"] > 0, r
         if r["baseline"] is not None:

@@ -50,7 +50,9 @@ async def open_view_store(url: str, settings: Settings, registry: Registry) -> V
     if url.startswith("sqlite:///"):
         from cqrskit.stores.sqlite import SqliteViewStore
 
-        views: ViewStore = SqliteViewStore.from_url(url, synchronous=settings.sqlite_synchronous)
+        # NORMAL whatever the command DB uses: views commit with their checkpoint and
+        # are rebuilt from the log, so a power cut only re-applies the last batches.
+        views: ViewStore = SqliteViewStore.from_url(url, synchronous="NORMAL")
     elif url.startswith(("postgresql://", "postgres://")):
         from cqrskit.stores.postgres import PostgresViewStore
 

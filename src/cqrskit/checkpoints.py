@@ -20,6 +20,8 @@ class Checkpoints:
         self.poll_seconds = poll_seconds
         self.positions: dict[tuple[str, int], int] = {}
         self._changed = asyncio.Event()
+        self._reading: asyncio.Future[None] | None = None
+        self._read_started = float("-inf")
 
     def advance(self, projection: str, partition: int, position: int) -> None:
         key = (projection, partition)
@@ -31,12 +33,32 @@ class Checkpoints:
         for key in [k for k in self.positions if k[0] == projection]:
             del self.positions[key]
 
-    async def refresh(self) -> dict[tuple[str, int], int]:
-        """Take the stored checkpoints as the truth: a rebuild may have moved one back."""
-        stored = await self.views.checkpoints()
-        self.positions = stored
-        self._changed.set()
-        return stored
+    async def refresh(self, max_age: float | None = None) -> dict[tuple[str, int], int]:
+        """Take the stored checkpoints as the truth: a rebuild may have moved one back.
+
+        Callers share reads, so a crowd of waiting queries does not take the CPU a
+        busy processor needs to catch up: without `max_age` a caller joins the
+        first read that started after it asked; with it, any read that young does.
+        """
+        loop = asyncio.get_running_loop()
+        asked = loop.time()
+        oldest = asked if max_age is None else asked - max_age
+        while self._read_started < oldest or self._reading is not None:
+            if self._reading is None:
+                self._read_started = loop.time()
+                self._reading = asyncio.ensure_future(self._read())
+            started = self._read_started
+            await asyncio.shield(self._reading)
+            if started >= oldest:
+                break
+        return self.positions
+
+    async def _read(self) -> None:
+        try:
+            self.positions = await self.views.checkpoints()
+            self._changed.set()
+        finally:
+            self._reading = None
 
     def reached(self, projections: Iterable[str], token: ConsistencyToken) -> bool:
         partition = token.partition(self.partitions)
@@ -59,5 +81,5 @@ class Checkpoints:
             try:
                 await asyncio.wait_for(self._changed.wait(), min(remaining, self.poll_seconds))
             except TimeoutError:
-                await self.refresh()
+                await self.refresh(max_age=self.poll_seconds)
         return True

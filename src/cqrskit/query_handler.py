@@ -92,7 +92,7 @@ class QueryHandler:
             raise NotFound(f"no command with id {command_id!r} was accepted")
         result = stored.result
         token = ConsistencyToken.for_event(result.stream_id, result.position)
-        positions = await self.checkpoints.refresh()
+        positions = await self.views.checkpoints()
         partition = token.partition(self.checkpoints.partitions)
         projections: dict[str, str] = {}
         for name in self.registry.projections:
