@@ -5,6 +5,8 @@ This is the one place that knows every adapter; the core knows only the ports.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib
 from dataclasses import dataclass
 
@@ -12,9 +14,10 @@ from cqrskit.checkpoints import Checkpoints
 from cqrskit.command_handler import CommandHandler
 from cqrskit.config import Settings
 from cqrskit.errors import CqrskitError
-from cqrskit.ports import EventStore, Stream, ViewStore
+from cqrskit.ports import EventStore, RelayState, Stream, ViewStore
 from cqrskit.query_handler import QueryHandler
 from cqrskit.registry import Domain, Registry
+from cqrskit.relay import Relay
 from cqrskit.update_processor import RetryPolicy, UpdateProcessor
 
 
@@ -72,7 +75,26 @@ def open_stream(spec: str, store: EventStore) -> Stream:
         from cqrskit.streams.embedded import EmbeddedStream
 
         return EmbeddedStream(store)
-    raise CqrskitError(f"unsupported stream {spec!r}; this build supports 'embedded'")
+    if spec.startswith(("nats://", "tls://")):
+        from cqrskit.streams.nats import NatsStream
+
+        return NatsStream.from_url(spec)
+    raise CqrskitError(
+        f"unsupported stream {spec!r}; use 'embedded' or nats://host:port?partitions=N"
+    )
+
+
+def relay_state(store: EventStore) -> RelayState:
+    """The relay's position and leadership live in the command DB."""
+    from cqrskit.stores.sqlite import SqliteEventStore, SqliteRelayState
+
+    if isinstance(store, SqliteEventStore):
+        return SqliteRelayState(store)
+    from cqrskit.stores.postgres import PostgresEventStore, PostgresRelayState
+
+    if isinstance(store, PostgresEventStore):
+        return PostgresRelayState(store)
+    raise CqrskitError(f"no relay state for {type(store).__name__}")
 
 
 @dataclass
@@ -86,8 +108,20 @@ class Runtime:
     commands: CommandHandler
     queries: QueryHandler
     processor: UpdateProcessor
+    relay: Relay | None = None
+    _relay_task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start the update processor, and the relay when the stream is a broker."""
+        self.processor.start()
+        if self.relay is not None:
+            self._relay_task = asyncio.create_task(self.relay.run(), name="relay")
 
     async def close(self) -> None:
+        if self._relay_task is not None:
+            self._relay_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._relay_task
         await self.processor.stop()
         await self.stream.close()
         await self.views.close()
@@ -104,7 +138,8 @@ async def open_runtime(settings: Settings, registry: Registry | None = None) -> 
         await store.close()
         raise
     stream = open_stream(settings.stream, store)
-    checkpoints = Checkpoints(views)
+    partitions = stream.partitions
+    checkpoints = Checkpoints(views, partitions=partitions)
     retry = RetryPolicy(settings.retry_attempts, settings.retry_backoff)
     return Runtime(
         settings=settings,
@@ -118,5 +153,9 @@ async def open_runtime(settings: Settings, registry: Registry | None = None) -> 
             registry, views, store, checkpoints,
             consistency_timeout=settings.consistency_timeout,
         ),
-        processor=UpdateProcessor(registry, views, stream, retry=retry, checkpoints=checkpoints),
+        processor=UpdateProcessor(
+            registry, views, stream, partitions=partitions, owned=range(partitions),
+            retry=retry, checkpoints=checkpoints,
+        ),
+        relay=Relay(store, stream, relay_state(store)) if stream.needs_relay else None,
     )

@@ -225,12 +225,26 @@ class RelayState(Protocol):
 class Stream(Protocol):
     """The event stream between the command DB and the update processors."""
 
+    @property
+    def partitions(self) -> int:
+        """How many partitions the stream is split into (1 for the embedded log)."""
+        ...
+
+    @property
+    def needs_relay(self) -> bool:
+        """True when events must be published from the log to a broker."""
+        ...
+
     async def publish(self, envelopes: Sequence[Envelope]) -> None: ...
 
     def subscribe(
-        self, partition: int, partitions: int, after: int
+        self, partition: int, partitions: int, after: int, *, consumer: str | None = None
     ) -> AsyncIterator[list[Envelope]]:
-        """Batches of events of one partition with position > `after`, in order."""
+        """Batches of events of one partition with position > `after`, in order.
+
+        `consumer` names a durable subscription that survives restarts, where
+        the broker has such a thing; None reads without leaving state behind.
+        """
         ...
 
     async def close(self) -> None: ...

@@ -66,8 +66,10 @@ class ProjectionRunner:
         partition: int = 0,
         retry: RetryPolicy = RetryPolicy(),
         checkpoints: Checkpoints | None = None,
+        consumer: str | None = None,
     ) -> None:
         self.projection = projection
+        self.consumer = consumer
         self.registry = registry
         self.views = views
         self.partition = partition
@@ -90,7 +92,10 @@ class ProjectionRunner:
             if until is not None and stored >= until:
                 return
             try:
-                async for batch in stream.subscribe(self.partition, partitions, stored):
+                batches = stream.subscribe(
+                    self.partition, partitions, stored, consumer=self.consumer
+                )
+                async for batch in batches:
                     await self.process(batch)
                     if progress is not None:
                         progress(self.position)
@@ -215,7 +220,8 @@ class UpdateProcessor:
         self.restart_seconds = restart_seconds
         self.runners = [
             ProjectionRunner(projection, registry, views, partition=partition,
-                             retry=retry, checkpoints=checkpoints)
+                             retry=retry, checkpoints=checkpoints,
+                             consumer=f"{projection.name}-{partition}")
             for projection in registry.projections.values()
             for partition in owned
         ]

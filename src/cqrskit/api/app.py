@@ -34,7 +34,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         rt = await open_runtime(settings, registry)
-        rt.processor.start()
+        rt.start()
         holder["runtime"] = rt
         log.info("cqrskit ready: command DB %s, query DB %s, stream %s",
                  settings.command_db_url, settings.query_db_url, settings.stream)

@@ -21,11 +21,14 @@ class EmbeddedStream:
         self.store = store
         self.batch_size = batch_size
 
+    partitions = 1
+    needs_relay = False
+
     async def publish(self, envelopes: Sequence[Envelope]) -> None:
         """The log is the stream: nothing to do."""
 
     async def subscribe(
-        self, partition: int, partitions: int, after: int
+        self, partition: int, partitions: int, after: int, *, consumer: str | None = None
     ) -> AsyncIterator[list[Envelope]]:
         while True:
             batch = await self.store.read_all(after, self.batch_size)

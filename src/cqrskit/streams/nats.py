@@ -191,9 +191,15 @@ class NatsStream:
         self._links: dict[str, _Link] = {}
         self._lock = asyncio.Lock()
 
+    needs_relay = True
+
     @classmethod
     def from_url(cls, url: str, **options: float) -> NatsStream:
         return cls(NatsUrl.parse(url), **options)
+
+    @property
+    def partitions(self) -> int:
+        return self.url.partitions
 
     # ------------------------------------------------------------ connections
 
