@@ -455,7 +455,9 @@ class NatsStream:
             raise Unavailable(f"NATS at {self.url.address}: the connection was closed")
         try:
             return await sub.fetch(self.url.batch, timeout=self.fetch_timeout)
-        except nats.errors.TimeoutError:
+        except (nats.errors.TimeoutError, TimeoutError):
+            # nats-py raises either kind when nothing came in time; the builtin one is
+            # an OSError, so it must be caught before the clause below.
             return []  # nothing new yet; fetching again re-checks the connection
         except (nats.errors.Error, OSError) as error:
             raise _unavailable(self.url, "fetching", error) from error
