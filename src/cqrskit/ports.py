@@ -18,7 +18,11 @@ T = TypeVar("T")
 
 @dataclass(slots=True)
 class AppendRequest:
-    """The events one command decided, to be stored all or nothing."""
+    """The events one command decided, to be stored all or nothing.
+
+    `command_hash` is empty when the handler generated `command_id` itself: such
+    an id cannot have been used before, so stores may skip the idempotency lookup.
+    """
 
     stream_id: str
     stream_type: str

@@ -302,7 +302,8 @@ def _in_clause(count: int) -> str:
 def _append_batch(conn: sqlite3.Connection, requests: list[AppendRequest]) -> list[Any]:
     """Append many commands' events with a handful of statements for the whole group."""
     outcomes: list[Any] = []
-    command_ids = list({r.command_id for r in requests})
+    # A command id the handler generated (no hash) cannot have been seen before.
+    command_ids = list({r.command_id for r in requests if r.command_hash})
     stored = {
         row[0]: row[1:]
         for row in conn.execute(
@@ -310,7 +311,7 @@ def _append_batch(conn: sqlite3.Connection, requests: list[AppendRequest]) -> li
             f"WHERE command_id IN ({_in_clause(len(command_ids))})",
             command_ids,
         )
-    }
+    } if command_ids else {}
     stream_ids = list({r.stream_id for r in requests})
     heads: dict[str, int] = dict(
         conn.execute(
