@@ -37,9 +37,9 @@ def test_every_workload_runs_at_tiny_size(tmp_path: Path) -> None:
     for r in results:
         assert math.isfinite(r["median"]), r
         if r["unit"] == "MiB":
-            # Memory growth may be zero; a peak cannot be below where it started.
-            if "peak" in r["case"]:
-                assert r["median"] >= 0, r
+            # Growth may be zero, or a little below when the kernel reclaims pages
+            # between two readings; it is never a large negative number.
+            assert r["median"] > -16, r
         elif r["unit"] == "%":
             assert 0 <= r["median"] <= 100, r
         else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import zlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -17,13 +18,20 @@ IDENTIFIER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 Identifier = Annotated[str, StringConstraints(pattern=IDENTIFIER_PATTERN)]
 
 
+# A \u0000 escape not itself escaped (preceded by an even number of backslashes).
+_NUL_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+
+
 def _storable(value: dict[str, JsonValue]) -> dict[str, JsonValue]:
-    # JSON that parses is not always JSON a store can keep: integers beyond 64
-    # bits and lone surrogates are refused here, as a 422, not in the store as a 500.
+    # JSON that parses is not always JSON every store can keep: integers beyond 64
+    # bits, lone surrogates and NUL characters (PostgreSQL refuses them) are
+    # refused here, as a 422, not in the store as a 500.
     try:
-        orjson.dumps(value)
+        encoded = orjson.dumps(value)
     except orjson.JSONEncodeError as error:
         raise ValueError(f"cannot be stored as JSON: {error}") from None
+    if b"\\u0000" in encoded and _NUL_ESCAPE.search(encoded):
+        raise ValueError("cannot be stored as JSON: it contains a NUL character (\\u0000)")
     return value
 
 

@@ -23,7 +23,8 @@ P = TypeVar("P", bound=type["Projection"])
 Q = TypeVar("Q", bound=type["Query"])
 
 _PROJECTS = "__cqrskit_projects__"
-_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+# Short enough that a table name built from it (view_<name>) fits PostgreSQL's 63 bytes.
+_NAME = re.compile(r"^[a-z][a-z0-9_]{0,49}$")
 
 Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
 

@@ -21,8 +21,9 @@ import re
 import zlib
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import orjson
 import psycopg
@@ -75,7 +76,9 @@ class PostgresUrl:
         if not _SCHEMA_NAME.match(schema):
             raise CqrskitError(f"schema {schema!r} must match {_SCHEMA_NAME.pattern}")
         query.setdefault("connect_timeout", "5")
-        conninfo = urlunsplit(("postgresql", parts.netloc, parts.path, urlencode(query), ""))
+        # quote, not quote_plus: libpq does not read "+" as a space.
+        query_string = urlencode(query, quote_via=quote)
+        conninfo = urlunsplit(("postgresql", parts.netloc, parts.path, query_string, ""))
         return cls(conninfo, schema)
 
 
@@ -229,6 +232,50 @@ async def migrate(conn: psycopg.AsyncConnection[Any], schema: str, name: str,
                 )
 
 
+async def _open_pool(
+    url: PostgresUrl, name: str, schema: Callable[[str], list[str]], size: int
+) -> AsyncConnectionPool:
+    """A pool of autocommit connections, with the schema migrated."""
+    async with _translated():
+        # One plain connection first: a refused connection or a bad option then
+        # fails at once with the server's own words, not after the pool's timeout.
+        probe = await psycopg.AsyncConnection.connect(url.conninfo)
+        await probe.close()
+        pool = AsyncConnectionPool(
+            url.conninfo, min_size=1, max_size=size, open=False, timeout=5,
+            kwargs={"autocommit": True}, configure=_configure,
+        )
+        await pool.open(wait=True, timeout=10)
+        try:
+            async with pool.connection() as conn:
+                await migrate(conn, url.schema, name, schema(url.schema))
+        except BaseException:
+            await pool.close()
+            raise
+    return pool
+
+
+async def _fetch(
+    pool: AsyncConnectionPool, sql: str, params: Sequence[Any]
+) -> list[tuple[Any, ...]]:
+    """One statement on a pooled connection, retried once on a connection that died.
+
+    Every statement sent this way is safe to repeat: reads, and the append function,
+    which recognises a command id it already stored.
+    """
+    for attempt in (1, 2):
+        try:
+            async with _translated(), pool.connection() as conn:
+                cursor = conn.cursor(row_factory=tuple_row)
+                await cursor.execute(sql, params)
+                return await cursor.fetchall()
+        except Unavailable:
+            if attempt == 2:
+                raise
+            await pool.check()  # drop the pooled connections that died while idle
+    raise AssertionError("unreachable")
+
+
 _EVENT_COLUMNS = (
     "event_id, stream_id, stream_type, version, position, type, schema_version, "
     "data, metadata, recorded_at"
@@ -238,7 +285,7 @@ _EVENT_COLUMNS = (
 def _envelope(row: Sequence[Any]) -> Envelope:
     return Envelope(
         row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8],
-        row[9].isoformat(),
+        row[9].astimezone(UTC).isoformat(),
     )
 
 
@@ -305,19 +352,7 @@ class PostgresEventStore:
     @classmethod
     async def open(cls, url: str, *, pool_size: int = 8) -> PostgresEventStore:
         parsed = PostgresUrl.parse(url)
-        pool = AsyncConnectionPool(
-            parsed.conninfo, min_size=1, max_size=pool_size, open=False, timeout=5,
-            kwargs={"autocommit": True}, configure=_configure,
-        )
-        async with _translated():
-            await pool.open(wait=True, timeout=10)
-            try:
-                async with pool.connection() as conn:
-                    await migrate(conn, parsed.schema, "event_store",
-                                  _event_store_schema(parsed.schema))
-            except BaseException:
-                await pool.close()
-                raise
+        pool = await _open_pool(parsed, "event_store", _event_store_schema, pool_size)
         store = cls(parsed, pool)
         store._listener = asyncio.create_task(store._listen(), name="event-store-listener")
         return store
@@ -375,20 +410,12 @@ class PostgresEventStore:
 
     async def _call_append(self, requests: list[AppendRequest]) -> list[dict[str, Any]]:
         payload = Jsonb([_request_json(r) for r in requests], dumps=orjson.dumps)
-        async with _translated(), self.pool.connection() as conn:
-            cursor = await conn.execute(
-                f"SELECT {self.schema}.append_events(%s)", (payload,)
-            )
-            row = await cursor.fetchone()
-        assert row is not None
-        answers: list[dict[str, Any]] = row[0]
+        rows = await _fetch(self.pool, f"SELECT {self.schema}.append_events(%s)", (payload,))
+        answers: list[dict[str, Any]] = rows[0][0]
         return answers
 
     async def _fetch(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
-        async with _translated(), self.pool.connection() as conn:
-            cursor = conn.cursor(row_factory=tuple_row)
-            await cursor.execute(sql, params)
-            return await cursor.fetchall()
+        return await _fetch(self.pool, sql, params)
 
     async def read_stream(self, stream_id: str) -> list[Envelope]:
         rows = await self._fetch(
@@ -543,7 +570,7 @@ def _dead_letter(row: Sequence[Any]) -> DeadLetter:
     return DeadLetter(
         id=row[0], projection=row[1], partition=row[2], stream_id=row[3], position=row[4],
         envelope=Envelope.from_dict(row[5]), error=row[6], attempts=row[7],
-        is_cause=row[8], parked_at=row[9].isoformat(),
+        is_cause=row[8], parked_at=row[9].astimezone(UTC).isoformat(),
     )
 
 
@@ -564,6 +591,8 @@ def _containment(filters: Mapping[str, Any]) -> dict[str, Any]:
             if not isinstance(child, dict):
                 raise InvalidRequest(f"filters on {field!r} and its parent contradict")
             node = child
+        if isinstance(node.get(segments[-1]), dict):
+            raise InvalidRequest(f"filters on {field!r} and a path inside it contradict")
         node[segments[-1]] = value
     return nested
 
@@ -574,6 +603,7 @@ class _WriterBackend:
     def __init__(self, url: PostgresUrl) -> None:
         self.name = f"postgres-{url.schema}-views"
         self.url = url
+        self.lock_key = zlib.crc32(f"{url.schema}.views".encode())
 
     def connect(self) -> psycopg.Connection[Any]:
         try:
@@ -590,6 +620,10 @@ class _WriterBackend:
 
     def begin(self, conn: psycopg.Connection[Any]) -> None:
         conn.execute("BEGIN")
+        # Serialise view writers across processes, as the ViewStore port promises:
+        # partitions share documents (a statistics total), and a unit of work
+        # reads them without row locks.
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.lock_key,))
 
     def commit(self, conn: psycopg.Connection[Any]) -> None:
         conn.execute("COMMIT")
@@ -711,20 +745,7 @@ class PostgresViewStore:
     @classmethod
     async def open(cls, url: str, *, pool_size: int = 8) -> PostgresViewStore:
         parsed = PostgresUrl.parse(url)
-        pool = AsyncConnectionPool(
-            parsed.conninfo, min_size=1, max_size=pool_size, open=False, timeout=5,
-            kwargs={"autocommit": True}, configure=_configure,
-        )
-        async with _translated():
-            await pool.open(wait=True, timeout=10)
-            try:
-                async with pool.connection() as conn:
-                    await migrate(conn, parsed.schema, "view_store",
-                                  _view_store_schema(parsed.schema))
-            except BaseException:
-                await pool.close()
-                raise
-        return cls(parsed, pool)
+        return cls(parsed, await _open_pool(parsed, "view_store", _view_store_schema, pool_size))
 
     async def setup(self, collections: Sequence[Collection]) -> None:
         async with _translated(), self.pool.connection() as conn, conn.transaction():
@@ -732,10 +753,18 @@ class PostgresViewStore:
                 "SELECT pg_advisory_xact_lock(%s)", (zlib.crc32(self.schema.encode()),)
             )
             for collection in collections:
+                if len(f"view_{collection.name}_doc") > 63:
+                    raise CqrskitError(
+                        f"collection name {collection.name!r} is too long for PostgreSQL "
+                        "(at most 54 characters)"
+                    )
                 self.collections[collection.name] = collection
                 table = f"{self.schema}.view_{collection.name}"
                 await conn.execute(
-                    f"CREATE TABLE IF NOT EXISTS {table} (id TEXT PRIMARY KEY, doc JSONB NOT NULL)"
+                    # Byte order ("C"): pages follow the primary key whatever the
+                    # database's collation, and the cursor compares the same way.
+                    f"CREATE TABLE IF NOT EXISTS {table} "
+                    '(id TEXT COLLATE "C" PRIMARY KEY, doc JSONB NOT NULL)'
                 )
                 await conn.execute(
                     f"CREATE INDEX IF NOT EXISTS view_{collection.name}_doc "
@@ -773,10 +802,7 @@ class PostgresViewStore:
             raise CqrskitError(f"collection {collection!r} is not set up") from None
 
     async def _fetch(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
-        async with _translated(), self.pool.connection() as conn:
-            cursor = conn.cursor(row_factory=tuple_row)
-            await cursor.execute(sql, params)
-            return await cursor.fetchall()
+        return await _fetch(self.pool, sql, params)
 
     async def get(self, collection: str, doc_id: str) -> dict[str, Any] | None:
         self._known(collection)
@@ -810,7 +836,7 @@ class PostgresViewStore:
         params.append(limit + 1)
         rows = await self._fetch(
             f"SELECT id, doc FROM {self.schema}.view_{collection} {where} "
-            f"ORDER BY id COLLATE \"C\" {order} LIMIT %s",
+            f"ORDER BY id {order} LIMIT %s",
             params,
         )
         more = len(rows) > limit

@@ -633,7 +633,8 @@ class SqliteViewStore:
             extract = f"json_extract(doc, '{path}')" if literal else "json_extract(doc, ?)"
             json_type = f"json_type(doc, '{path}')" if literal else "json_type(doc, ?)"
             if value is None:
-                clauses.append(f"{extract} IS NULL")
+                # An explicit null only, as on every store; a missing field is no match.
+                clauses.append(f"{json_type} = 'null'")
                 params += [] if literal else [path]
             elif isinstance(value, bool):
                 # json_extract gives 1/0 for true/false: compare the JSON type instead.
