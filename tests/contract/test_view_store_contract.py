@@ -12,7 +12,7 @@ from cqrskit.errors import CqrskitError, InvalidRequest
 from cqrskit.messages import Envelope, Event
 from cqrskit.ports import Collection, UnitOfWork, ViewStore, ViewWriter
 from cqrskit.registry import Domain, Projection, Registry, projects
-from cqrskit.stores.cursors import encode_cursor
+from cqrskit.stores.queries import encode_cursor
 from cqrskit.update_processor import ProjectionRunner
 
 from .conftest import Backend

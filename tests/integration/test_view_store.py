@@ -9,7 +9,7 @@ import pytest
 from cqrskit.errors import CqrskitError, InvalidRequest
 from cqrskit.messages import Envelope
 from cqrskit.ports import Collection
-from cqrskit.stores.cursors import encode_cursor
+from cqrskit.stores.queries import encode_cursor
 from cqrskit.stores.sqlite import SqliteUnitOfWork, SqliteViewStore
 
 COLLECTIONS = [Collection("docs", indexed=("kind", "data.color")), Collection("other")]

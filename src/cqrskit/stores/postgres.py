@@ -47,15 +47,14 @@ from cqrskit.ports import (
     StoredCommand,
     UnitOfWork,
 )
-from cqrskit.stores.cursors import decode_cursor, encode_cursor
 from cqrskit.stores.group_commit import GroupCommitter
+from cqrskit.stores.queries import decode_cursor, encode_cursor, filter_path
 from cqrskit.stores.unit_of_work import BufferedUnitOfWork
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
-_PATH_SEGMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _MAX_GROUP = 512
 
 
@@ -578,13 +577,7 @@ def _containment(filters: Mapping[str, Any]) -> dict[str, Any]:
     """{"data.color": "red"} → {"data": {"color": "red"}}, for `doc @> %s`."""
     nested: dict[str, Any] = {}
     for field, value in filters.items():
-        segments = field.split(".")
-        if not all(_PATH_SEGMENT.match(s) for s in segments):
-            raise InvalidRequest(
-                f"field {field!r} is not a dotted path of identifiers (letters, digits, _)"
-            )
-        if isinstance(value, (dict, list)):
-            raise InvalidRequest(f"filter on {field!r} must compare with a scalar value")
+        segments = filter_path(field, value)
         node = nested
         for segment in segments[:-1]:
             child = node.setdefault(segment, {})

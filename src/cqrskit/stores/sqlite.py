@@ -13,7 +13,6 @@ import contextlib
 import fcntl
 import logging
 import os
-import re
 import sqlite3
 import threading
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -32,14 +31,13 @@ from cqrskit.errors import (
 )
 from cqrskit.messages import CommandResult, Envelope, utc_now
 from cqrskit.ports import AppendRequest, Collection, DeadLetter, Page, StoredCommand
-from cqrskit.stores.cursors import decode_cursor, encode_cursor
 from cqrskit.stores.group_commit import BatchHandler, GroupCommitter
+from cqrskit.stores.queries import decode_cursor, encode_cursor, filter_path
 from cqrskit.stores.unit_of_work import BufferedUnitOfWork
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_PATH_SEGMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 
 def path_from_url(url: str) -> Path:
@@ -448,13 +446,8 @@ def _table(collection: str) -> str:
     return f'"view_{collection}"'
 
 
-def _json_path(field: str) -> str:
-    segments = field.split(".")
-    if not all(_PATH_SEGMENT.match(s) for s in segments):
-        raise InvalidRequest(
-            f"field {field!r} is not a dotted path of identifiers (letters, digits, _)"
-        )
-    return "$." + ".".join(segments)
+def _json_path(field: str, value: Any = None) -> str:
+    return "$." + ".".join(filter_path(field, value))
 
 
 def _dead_letter(row: tuple[Any, ...]) -> DeadLetter:
@@ -625,9 +618,7 @@ class SqliteViewStore:
         clauses: list[str] = []
         params: list[Any] = []
         for field, value in filters.items():
-            path = _json_path(field)
-            if isinstance(value, (dict, list)):
-                raise InvalidRequest(f"filter on {field!r} must compare with a scalar value")
+            path = _json_path(field, value)
             # A literal path (validated above) lets SQLite use the expression index.
             literal = field in indexed
             extract = f"json_extract(doc, '{path}')" if literal else "json_extract(doc, ?)"
