@@ -8,8 +8,6 @@ from typing import Any, ClassVar, TypeVar
 from cqrskit.errors import CqrskitError
 from cqrskit.messages import Command, Event
 
-C = TypeVar("C", bound=Command)
-E = TypeVar("E", bound=Event)
 F = TypeVar("F", bound=Callable[..., Any])
 
 _DECIDES = "__cqrskit_decides__"
