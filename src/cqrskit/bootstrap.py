@@ -8,17 +8,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import logging
 from dataclasses import dataclass
 
 from cqrskit.checkpoints import Checkpoints
 from cqrskit.command_handler import CommandHandler
 from cqrskit.config import Settings
 from cqrskit.errors import CqrskitError
+from cqrskit.leases import PartitionLeases
 from cqrskit.ports import EventStore, RelayState, Stream, ViewStore
 from cqrskit.query_handler import QueryHandler
 from cqrskit.registry import Domain, Registry
 from cqrskit.relay import Relay
 from cqrskit.update_processor import RetryPolicy, UpdateProcessor
+
+log = logging.getLogger(__name__)
 
 
 def load_domains(spec: str) -> list[Domain]:
@@ -97,6 +101,12 @@ def relay_state(store: EventStore) -> RelayState:
     raise CqrskitError(f"no relay state for {type(store).__name__}")
 
 
+# Which parts of the pipeline a process runs besides handling commands and queries:
+# `serve` runs the processor over every partition and the relay; `api` neither;
+# `update-processor` the processor over leased partitions; `relay` only the relay.
+ROLES = ("serve", "api", "update-processor", "relay")
+
+
 @dataclass
 class Runtime:
     settings: Settings
@@ -109,27 +119,47 @@ class Runtime:
     queries: QueryHandler
     processor: UpdateProcessor
     relay: Relay | None = None
+    role: str = "serve"
+    leases: PartitionLeases | None = None
     _relay_task: asyncio.Task[None] | None = None
+    _leases_task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        """Start the update processor, and the relay when the stream is a broker."""
-        self.processor.start()
-        if self.relay is not None:
+        """Start what this process's role runs: processor, leases, relay."""
+        if self.role == "serve":
+            self.processor.start()
+        if self.leases is not None:
+            self._leases_task = asyncio.create_task(self.leases.run(), name="leases")
+        if self.relay is not None and self.role in ("serve", "relay"):
             self._relay_task = asyncio.create_task(self.relay.run(), name="relay")
 
     async def close(self) -> None:
-        if self._relay_task is not None:
-            self._relay_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._relay_task
+        for task in (self._relay_task, self._leases_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self.leases is not None:
+            # Stop the runners, then hand the partitions over without waiting for the ttl.
+            try:
+                await self.leases.release()
+            except Exception as error:
+                log.warning("could not release the partition leases: %s", error)
         await self.processor.stop()
         await self.stream.close()
         await self.views.close()
         await self.store.close()
 
 
-async def open_runtime(settings: Settings, registry: Registry | None = None) -> Runtime:
-    """Open the stores and stream and build the handlers; the processor is not started."""
+async def open_runtime(
+    settings: Settings, registry: Registry | None = None, *, role: str = "serve"
+) -> Runtime:
+    """Open the stores and stream and build the handlers; nothing is started yet.
+
+    `role` (one of ROLES) says what `Runtime.start` runs besides the handlers.
+    """
+    if role not in ROLES:
+        raise CqrskitError(f"unknown role {role!r}; use one of {', '.join(ROLES)}")
     registry = registry or Registry(load_domains(settings.domains))
     store = await open_event_store(settings.command_db_url, settings)
     try:
@@ -141,6 +171,16 @@ async def open_runtime(settings: Settings, registry: Registry | None = None) -> 
     partitions = stream.partitions
     checkpoints = Checkpoints(views, partitions=partitions)
     retry = RetryPolicy(settings.retry_attempts, settings.retry_backoff)
+    processor = UpdateProcessor(
+        registry, views, stream, partitions=partitions, owned=range(partitions),
+        retry=retry, checkpoints=checkpoints,
+    )
+    leases = None
+    if role == "update-processor":
+        leases = PartitionLeases(
+            views, partitions, processor.assign,
+            ttl=settings.lease_ttl, heartbeat_seconds=settings.lease_heartbeat,
+        )
     return Runtime(
         settings=settings,
         registry=registry,
@@ -153,9 +193,8 @@ async def open_runtime(settings: Settings, registry: Registry | None = None) -> 
             registry, views, store, checkpoints,
             consistency_timeout=settings.consistency_timeout,
         ),
-        processor=UpdateProcessor(
-            registry, views, stream, partitions=partitions, owned=range(partitions),
-            retry=retry, checkpoints=checkpoints,
-        ),
+        processor=processor,
         relay=Relay(store, stream, relay_state(store)) if stream.needs_relay else None,
+        role=role,
+        leases=leases,
     )

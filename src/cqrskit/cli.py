@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from functools import wraps
 from pathlib import Path
@@ -124,6 +125,206 @@ def serve(host: str | None, port: int | None, data_dir: Path | None) -> None:
     )
 
 
+# ------------------------------------------------------------ separate roles
+
+
+def _role_settings() -> Settings:
+    """A separate role is configured only by environment (CQRSKIT_*)."""
+    settings = Settings()
+    _setup_logging(settings.log_level)
+    return settings
+
+
+async def _run_until_signal(settings: Settings, role: str) -> None:
+    """Open a runtime for `role`, run it until SIGTERM or SIGINT, then close it cleanly."""
+    import signal
+
+    from cqrskit.bootstrap import open_runtime
+
+    runtime = await open_runtime(settings, role=role)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        if role == "relay" and runtime.relay is None:
+            raise CqrskitError(
+                f"the stream {settings.stream!r} needs no relay; set CQRSKIT_STREAM to a broker "
+                "(nats://...)"
+            )
+        runtime.start()
+        console.print(
+            f"cqrskit {role} running (pid {os.getpid()}): command DB {settings.command_db_url}, "
+            f"query DB {settings.query_db_url}, stream {settings.stream}",
+            highlight=False,
+        )
+        await stop.wait()
+        console.print(f"cqrskit {role} stopping", highlight=False)
+    finally:
+        await runtime.close()
+
+
+@main.command("update-processor", epilog=ENVIRONMENT_HELP)
+def update_processor() -> None:
+    """Run projections over the partitions this process leases, until SIGTERM or SIGINT.
+
+    Start as many as you like on one query DB: they share the stream's
+    partitions fairly through leases, and take over those of a process that
+    stops (at once when it stops cleanly, after CQRSKIT_LEASE_TTL when it dies).
+    """
+    _run(_run_until_signal(_role_settings(), "update-processor"))
+
+
+@main.command("relay", epilog=ENVIRONMENT_HELP)
+def relay() -> None:
+    """Publish the event log to the broker, one leader at a time, until SIGTERM or SIGINT."""
+    _run(_run_until_signal(_role_settings(), "relay"))
+
+
+@main.command("api", epilog=ENVIRONMENT_HELP)
+@click.option("--host", default=None, help="Address to listen on [env CQRSKIT_HOST; 127.0.0.1].")
+@click.option("--port", type=int, default=None, help="Port [env CQRSKIT_PORT; 8000].")
+def api(host: str | None, port: int | None) -> None:
+    """Handle commands and queries over HTTP; the update processors and relay run elsewhere."""
+    import uvicorn
+
+    from cqrskit.api.app import create_app
+
+    settings = _settings(None, host=host, port=port)
+    _setup_logging(settings.log_level)
+    try:
+        app = create_app(settings, role="api")
+    except CqrskitError as error:
+        raise click.ClickException(str(error)) from None
+    uvicorn.run(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+        access_log=False,
+    )
+
+
+@main.command("up", epilog=ENVIRONMENT_HELP)
+@click.option("--distributed", is_flag=True, required=True,
+              help="Run each role as its own `cqrskit <role>` OS process.")
+@click.option("--host", default=None, help="Address the API listens on [env CQRSKIT_HOST].")
+@click.option("--port", type=int, default=None, help="Port of the API [env CQRSKIT_PORT; 8000].")
+@click.option("--update-processors", type=click.IntRange(1, 64), default=2, show_default=True,
+              help="How many update processor processes to start.")
+def up(distributed: bool, host: str | None, port: int | None, update_processors: int) -> None:
+    """Start a whole local topology: relay, api and update processors, as separate processes.
+
+    Needs stores other processes can share: PostgreSQL URLs in CQRSKIT_COMMAND_DB and
+    CQRSKIT_QUERY_DB, and/or a broker in CQRSKIT_STREAM. Stops them all on Ctrl-C or
+    SIGTERM.
+    """
+    settings = _settings(None, host=host, port=port)
+    _setup_logging(settings.log_level)
+    try:
+        topology = _Topology(settings, update_processors=update_processors)
+    except CqrskitError as error:
+        raise click.ClickException(str(error)) from None
+    raise SystemExit(topology.run(console.print))
+
+
+class _Topology:
+    """`cqrskit up --distributed`: each role as a child `cqrskit <role>` OS process."""
+
+    def __init__(self, settings: Settings, *, update_processors: int) -> None:
+        shared_dbs = not any(
+            url.startswith("sqlite:") for url in (settings.command_db_url, settings.query_db_url)
+        )
+        if not shared_dbs and settings.stream == "embedded":
+            raise CqrskitError(
+                "cqrskit up --distributed runs separate processes, which need a broker or "
+                "shared databases: set CQRSKIT_STREAM=nats://... and/or CQRSKIT_COMMAND_DB and "
+                "CQRSKIT_QUERY_DB to postgresql://... URLs. For one process on SQLite, run "
+                "`cqrskit serve`."
+            )
+        self.settings = settings
+        roles = ["relay"] if settings.stream != "embedded" else []
+        self.roles = [*roles, "api", *["update-processor"] * update_processors]
+        self.children: list[tuple[str, Any]] = []
+        self.stopping = False
+
+    def _spawn(self, role: str) -> Any:
+        import subprocess
+        import sys
+
+        env = dict(os.environ)
+        env["CQRSKIT_HOST"] = self.settings.host
+        env["CQRSKIT_PORT"] = str(self.settings.port)
+        return subprocess.Popen([sys.executable, "-m", "cqrskit.cli", role], env=env)
+
+    def run(self, say: Callable[..., None]) -> int:
+        """Start every role, wait until the API is ready, watch them; 0 after a clean stop."""
+        import signal
+        import time
+
+        def stop(signum: int, frame: Any) -> None:
+            self.stopping = True
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        try:
+            for role in self.roles:
+                self.children.append((role, self._spawn(role)))
+            url = f"http://{self.settings.host}:{self.settings.port}"
+            if not self._wait_ready(url + "/readyz"):
+                return 1
+            say(f"cqrskit distributed topology is up; API on {url}/api (docs at {url}/docs)",
+                highlight=False, soft_wrap=True)
+            for role, child in self.children:
+                say(f"  {role:<17} pid {child.pid}", highlight=False, soft_wrap=True)
+            say(f"  command DB {self.settings.command_db_url}\n  query DB   "
+                f"{self.settings.query_db_url}\n  stream     {self.settings.stream}\n"
+                "Ctrl-C or SIGTERM stops them all.", highlight=False, soft_wrap=True)
+            while not self.stopping:
+                for role, child in self.children:
+                    if child.poll() is not None:
+                        say(f"{role} (pid {child.pid}) exited with {child.returncode}; "
+                            "stopping the others", highlight=False, soft_wrap=True)
+                        return 1
+                time.sleep(0.2)
+            return 0
+        finally:
+            self._stop_all(say)
+
+    def _wait_ready(self, url: str, timeout: float = 60.0) -> bool:
+        import time
+        import urllib.error
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while not self.stopping and time.monotonic() < deadline:
+            if any(child.poll() is not None for _, child in self.children):
+                return False
+            try:
+                with urllib.request.urlopen(url, timeout=2) as answer:
+                    if answer.status == 200:
+                        return True
+            except (OSError, urllib.error.URLError):
+                pass
+            time.sleep(0.2)
+        return False
+
+    def _stop_all(self, say: Callable[..., None]) -> None:
+        """SIGTERM every child (each stops cleanly: leases released), SIGKILL laggards."""
+        import subprocess
+
+        for _, child in self.children:
+            if child.poll() is None:
+                child.terminate()
+        for role, child in self.children:
+            try:
+                child.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                say(f"{role} (pid {child.pid}) did not stop in 20s; killing it",
+                    highlight=False, soft_wrap=True)
+                child.kill()
+                child.wait()
+        if self.children:
+            say("cqrskit distributed topology stopped", highlight=False, soft_wrap=True)
+
+
 @main.group()
 def projections() -> None:
     """List projections and rebuild their views from the event log."""
@@ -171,6 +372,21 @@ async def projections_rebuild(runtime: Any, name: str) -> None:
             progress=lambda p: progress.update(task, completed=min(p, until)),
         )
     console.print(f"{name}: rebuilt up to position {position}")
+
+
+@main.command("leases")
+@data_dir_option
+@with_runtime
+async def leases_list(runtime: Any) -> None:
+    """Which update processor owns which partition now (unexpired leases)."""
+    held = await runtime.views.leases()
+    if not held:
+        console.print("no partition leases (no `cqrskit update-processor` running)")
+        return
+    table = Table("partition", "owner")
+    for partition, owner in sorted(held.items()):
+        table.add_row(str(partition), owner)
+    console.print(table)
 
 
 @main.group("dead-letters")
@@ -223,3 +439,7 @@ async def dead_letters_skip(runtime: Any, dead_letter_id: int) -> None:
 
     d = await skip_dead_letter(runtime.views, dead_letter_id)
     console.print(f"skipped {d.envelope.type} {d.stream_id} v{d.envelope.version}")
+
+
+if __name__ == "__main__":  # `python -m cqrskit.cli`: how `cqrskit up` starts its roles
+    main()

@@ -47,6 +47,14 @@ class Settings(BaseSettings):
     aggregate_cache_size: int = Field(
         default=10_000, ge=0, description="aggregates kept in memory between commands"
     )
+    lease_ttl: float = Field(
+        default=10.0, gt=0,
+        description="seconds an update processor's partition leases outlive its last heartbeat",
+    )
+    lease_heartbeat: float = Field(
+        default=2.0, gt=0,
+        description="seconds between an update processor's lease heartbeats (< lease TTL)",
+    )
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR")
 
     @property

@@ -42,12 +42,6 @@ class StoredCommand:
     result: CommandResult
 
 
-@dataclass(slots=True, frozen=True)
-class StreamHead:
-    stream_type: str
-    version: int
-
-
 class EventStore(Protocol):
     """The command DB: an append-only log of events, one stream per aggregate."""
 
@@ -187,7 +181,37 @@ class ViewReader(Protocol):
         ...
 
 
-class ViewStore(ViewReader, Protocol):
+# ------------------------------------------------------------ partition leases
+#
+# Leases share the partitions among update processors; they are not what makes
+# processing correct (the checkpoint read inside each transaction is), so a
+# partition owned twice for a moment costs work, never a wrong view.
+
+
+class PartitionLeaseStore(Protocol):
+    """Partition leases in the query DB; each call is one serialised transaction."""
+
+    async def heartbeat(self, owner: str, ttl: float) -> list[str]:
+        """Record that `owner` is alive; return the owners seen within `ttl` seconds."""
+        ...
+
+    async def claim_partitions(
+        self, owner: str, wanted: int, partitions: int, ttl: float
+    ) -> set[int]:
+        """Renew the owner's leases, release those beyond `wanted`, claim free or
+        expired ones up to `wanted`; return the partitions the owner holds now."""
+        ...
+
+    async def release_partitions(self, owner: str) -> None:
+        """Give up every lease of `owner` and forget its heartbeat (clean shutdown)."""
+        ...
+
+    async def leases(self) -> dict[int, str]:
+        """Partition → owner, for the leases that have not expired."""
+        ...
+
+
+class ViewStore(ViewReader, PartitionLeaseStore, Protocol):
     """The query DB."""
 
     async def setup(self, collections: Sequence[Collection]) -> None: ...

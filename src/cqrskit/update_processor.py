@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -199,7 +199,12 @@ class ProjectionRunner:
 
 
 class UpdateProcessor:
-    """Runs every projection of the registry over the partitions it owns."""
+    """Runs every projection of the registry over the partitions it owns.
+
+    Two modes: `start()` runs the fixed `owned` partitions (`cqrskit serve` owns
+    them all); or `PartitionLeases` calls `assign()` whenever the partitions this
+    process holds change, and runners start and stop with them.
+    """
 
     def __init__(
         self,
@@ -217,21 +222,52 @@ class UpdateProcessor:
         self.views = views
         self.stream = stream
         self.partitions = partitions
+        self.fixed = list(owned)
+        self.retry = retry
+        self.checkpoints = checkpoints
         self.restart_seconds = restart_seconds
-        self.runners = [
-            ProjectionRunner(projection, registry, views, partition=partition,
-                             retry=retry, checkpoints=checkpoints,
-                             consumer=f"{projection.name}-{partition}")
-            for projection in registry.projections.values()
-            for partition in owned
-        ]
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: dict[int, list[asyncio.Task[None]]] = {}
+
+    @property
+    def owned(self) -> list[int]:
+        """The partitions this processor is running now."""
+        return sorted(self._tasks)
 
     def start(self) -> None:
-        self._tasks = [
-            asyncio.create_task(self._supervise(runner), name=f"projection-{runner.name}")
-            for runner in self.runners
+        """Run the fixed partitions given at construction."""
+        for partition in self.fixed:
+            self._start_partition(partition)
+
+    async def assign(self, partitions: Iterable[int]) -> None:
+        """Run exactly these partitions: stop the lost ones first, then start the gained."""
+        wanted = set(partitions)
+        for partition in sorted(set(self._tasks) - wanted):
+            await self._stop_partition(partition)
+        for partition in sorted(wanted - set(self._tasks)):
+            self._start_partition(partition)
+
+    def _start_partition(self, partition: int) -> None:
+        if partition in self._tasks:
+            return
+        self._tasks[partition] = [
+            asyncio.create_task(
+                self._supervise(self._runner(projection, partition)),
+                name=f"projection-{projection.name}-{partition}",
+            )
+            for projection in self.registry.projections.values()
         ]
+
+    def _runner(self, projection: Projection, partition: int) -> ProjectionRunner:
+        return ProjectionRunner(
+            projection, self.registry, self.views, partition=partition, retry=self.retry,
+            checkpoints=self.checkpoints, consumer=f"{projection.name}-{partition}",
+        )
+
+    async def _stop_partition(self, partition: int) -> None:
+        tasks = self._tasks.pop(partition, [])
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _supervise(self, runner: ProjectionRunner) -> None:
         while True:
@@ -247,10 +283,8 @@ class UpdateProcessor:
                 await asyncio.sleep(self.restart_seconds)
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks = []
+        for partition in list(self._tasks):
+            await self._stop_partition(partition)
 
 
 # ------------------------------------------------------- operator actions

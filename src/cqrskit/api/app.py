@@ -19,8 +19,14 @@ from cqrskit.registry import Registry
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings | None = None, registry: Registry | None = None) -> FastAPI:
-    """Build the app; the stores are opened when it starts and closed when it stops."""
+def create_app(
+    settings: Settings | None = None, registry: Registry | None = None, *, role: str = "serve"
+) -> FastAPI:
+    """Build the app; the stores are opened when it starts and closed when it stops.
+
+    `role="serve"` also runs the update processor and relay in this process;
+    `role="api"` only handles commands and queries (the rest run as other processes).
+    """
     settings = settings or Settings()
     registry = registry or Registry(load_domains(settings.domains))
     holder: dict[str, Runtime] = {}
@@ -33,7 +39,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        rt = await open_runtime(settings, registry)
+        rt = await open_runtime(settings, registry, role=role)
         rt.start()
         holder["runtime"] = rt
         log.info("cqrskit ready: command DB %s, query DB %s, stream %s",

@@ -22,6 +22,7 @@ import zlib
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC
+from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
@@ -38,6 +39,7 @@ from cqrskit.errors import (
     InvalidRequest,
     Unavailable,
 )
+from cqrskit.leases import plan_claim
 from cqrskit.messages import CommandResult, Envelope
 from cqrskit.ports import (
     AppendRequest,
@@ -556,7 +558,76 @@ def _view_store_schema(s: str) -> list[str]:
         CREATE INDEX IF NOT EXISTS dead_letters_by_stream
             ON {s}.dead_letters (projection, stream_id, position);
         """,
+        f"""
+        CREATE TABLE IF NOT EXISTS {s}.lease_owners (
+            owner TEXT PRIMARY KEY,
+            seen_at DOUBLE PRECISION NOT NULL
+        );
+        CREATE TABLE IF NOT EXISTS {s}.leases (
+            partition INTEGER PRIMARY KEY,
+            owner TEXT NOT NULL,
+            expires_at DOUBLE PRECISION NOT NULL
+        );
+        """,
     ]
+
+
+# Lease times come from the database's clock, so processes on several machines agree.
+_NOW = "SELECT extract(epoch FROM clock_timestamp())::float8"
+
+
+def _run_each(
+    conn: psycopg.Connection[Any], works: list[Callable[[psycopg.Connection[Any]], Any]]
+) -> list[Any]:
+    """A batch handler for small one-off jobs (leases) in the writer's transaction."""
+    return [work(conn) for work in works]
+
+
+def _db_now(conn: psycopg.Connection[Any]) -> float:
+    row = conn.execute(_NOW).fetchone()
+    return float(row[0]) if row else 0.0
+
+
+def _heartbeat(schema: str, owner: str, ttl: float, conn: psycopg.Connection[Any]) -> list[str]:
+    now = _db_now(conn)
+    conn.execute(
+        f"INSERT INTO {schema}.lease_owners (owner, seen_at) VALUES (%s, %s) "
+        "ON CONFLICT (owner) DO UPDATE SET seen_at = excluded.seen_at",
+        (owner, now),
+    )
+    # Owners gone for long are forgotten; the recent ones are the live ones.
+    conn.execute(f"DELETE FROM {schema}.lease_owners WHERE seen_at < %s", (now - 10 * ttl,))
+    rows = conn.execute(
+        f"SELECT owner FROM {schema}.lease_owners WHERE seen_at > %s ORDER BY owner",
+        (now - ttl,),
+    ).fetchall()
+    return [row[0] for row in rows]
+
+
+def _claim(
+    schema: str, owner: str, wanted: int, partitions: int, ttl: float,
+    conn: psycopg.Connection[Any],
+) -> set[int]:
+    now = _db_now(conn)
+    rows = conn.execute(f"SELECT partition, owner, expires_at FROM {schema}.leases").fetchall()
+    keep, release = plan_claim(owner, wanted, partitions, {r[0]: (r[1], r[2]) for r in rows}, now)
+    with conn.cursor() as cursor:
+        cursor.executemany(
+            f"DELETE FROM {schema}.leases WHERE partition = %s AND owner = %s",
+            [(p, owner) for p in release],
+        )
+        cursor.executemany(
+            f"INSERT INTO {schema}.leases (partition, owner, expires_at) VALUES (%s, %s, %s) "
+            "ON CONFLICT (partition) DO UPDATE SET owner = excluded.owner, "
+            "expires_at = excluded.expires_at",
+            [(p, owner, now + ttl) for p in sorted(keep)],
+        )
+    return keep
+
+
+def _release(schema: str, owner: str, conn: psycopg.Connection[Any]) -> None:
+    conn.execute(f"DELETE FROM {schema}.leases WHERE owner = %s", (owner,))
+    conn.execute(f"DELETE FROM {schema}.lease_owners WHERE owner = %s", (owner,))
 
 
 _DEAD_LETTER_COLUMNS = (
@@ -858,6 +929,29 @@ class PostgresViewStore:
             (dead_letter_id,),
         )
         return _dead_letter(rows[0]) if rows else None
+
+    async def heartbeat(self, owner: str, ttl: float) -> list[str]:
+        work = partial(_heartbeat, self.schema, owner, ttl)
+        live: list[str] = await self._writer.submit(_run_each, work)
+        return live
+
+    async def claim_partitions(
+        self, owner: str, wanted: int, partitions: int, ttl: float
+    ) -> set[int]:
+        work = partial(_claim, self.schema, owner, wanted, partitions, ttl)
+        held: set[int] = await self._writer.submit(_run_each, work)
+        return held
+
+    async def release_partitions(self, owner: str) -> None:
+        await self._writer.submit(_run_each, partial(_release, self.schema, owner))
+
+    async def leases(self) -> dict[int, str]:
+        rows = await self._fetch(
+            f"SELECT partition, owner FROM {self.schema}.leases "
+            f"WHERE expires_at > ({_NOW}) ORDER BY partition",
+            (),
+        )
+        return {row[0]: row[1] for row in rows}
 
     async def check(self) -> None:
         await self._fetch("SELECT 1", ())

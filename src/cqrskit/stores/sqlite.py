@@ -15,8 +15,10 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,8 +31,15 @@ from cqrskit.errors import (
     InvalidRequest,
     Unavailable,
 )
+from cqrskit.leases import plan_claim
 from cqrskit.messages import CommandResult, Envelope, utc_now
-from cqrskit.ports import AppendRequest, Collection, DeadLetter, Page, StoredCommand
+from cqrskit.ports import (
+    AppendRequest,
+    Collection,
+    DeadLetter,
+    Page,
+    StoredCommand,
+)
 from cqrskit.stores.group_commit import BatchHandler, GroupCommitter
 from cqrskit.stores.queries import decode_cursor, encode_cursor, filter_path
 from cqrskit.stores.unit_of_work import BufferedUnitOfWork
@@ -440,7 +449,64 @@ _VIEW_STORE_SCHEMA = [
     CREATE INDEX IF NOT EXISTS dead_letters_by_stream
         ON dead_letters (projection, stream_id, position);
     """,
+    """
+    CREATE TABLE IF NOT EXISTS lease_owners (
+        owner TEXT PRIMARY KEY,
+        seen_at REAL NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE IF NOT EXISTS leases (
+        partition INTEGER PRIMARY KEY,
+        owner TEXT NOT NULL,
+        expires_at REAL NOT NULL
+    );
+    """,
 ]
+
+
+def _run_each(
+    conn: sqlite3.Connection, works: list[Callable[[sqlite3.Connection], Any]]
+) -> list[Any]:
+    """A batch handler for small one-off jobs (leases) in the group's transaction."""
+    return [work(conn) for work in works]
+
+
+# Leases compare wall-clock times of the processes sharing the file: one machine.
+def _heartbeat(owner: str, ttl: float, conn: sqlite3.Connection) -> list[str]:
+    now = time.time()
+    conn.execute(
+        "INSERT INTO lease_owners (owner, seen_at) VALUES (?, ?) "
+        "ON CONFLICT (owner) DO UPDATE SET seen_at = excluded.seen_at",
+        (owner, now),
+    )
+    # Owners gone for long are forgotten; the recent ones are the live ones.
+    conn.execute("DELETE FROM lease_owners WHERE seen_at < ?", (now - 10 * ttl,))
+    rows = conn.execute(
+        "SELECT owner FROM lease_owners WHERE seen_at > ? ORDER BY owner", (now - ttl,)
+    )
+    return [row[0] for row in rows]
+
+
+def _claim(
+    owner: str, wanted: int, partitions: int, ttl: float, conn: sqlite3.Connection
+) -> set[int]:
+    now = time.time()
+    rows = conn.execute("SELECT partition, owner, expires_at FROM leases")
+    keep, release = plan_claim(owner, wanted, partitions, {r[0]: (r[1], r[2]) for r in rows}, now)
+    conn.executemany(
+        "DELETE FROM leases WHERE partition = ? AND owner = ?", [(p, owner) for p in release]
+    )
+    conn.executemany(
+        "INSERT INTO leases (partition, owner, expires_at) VALUES (?, ?, ?) "
+        "ON CONFLICT (partition) DO UPDATE SET owner = excluded.owner, "
+        "expires_at = excluded.expires_at",
+        [(p, owner, now + ttl) for p in sorted(keep)],
+    )
+    return keep
+
+
+def _release(owner: str, conn: sqlite3.Connection) -> None:
+    conn.execute("DELETE FROM leases WHERE owner = ?", (owner,))
+    conn.execute("DELETE FROM lease_owners WHERE owner = ?", (owner,))
 
 def _table(collection: str) -> str:
     return f'"view_{collection}"'
@@ -692,6 +758,30 @@ class SqliteViewStore:
 
     async def check(self) -> None:
         await self.db.read(lambda c: c.execute("SELECT 1 FROM checkpoints LIMIT 1").fetchall())
+
+    async def heartbeat(self, owner: str, ttl: float) -> list[str]:
+        live: list[str] = await self.db.submit(_run_each, partial(_heartbeat, owner, ttl))
+        return live
+
+    async def claim_partitions(
+        self, owner: str, wanted: int, partitions: int, ttl: float
+    ) -> set[int]:
+        work = partial(_claim, owner, wanted, partitions, ttl)
+        held: set[int] = await self.db.submit(_run_each, work)
+        return held
+
+    async def release_partitions(self, owner: str) -> None:
+        await self.db.submit(_run_each, partial(_release, owner))
+
+    async def leases(self) -> dict[int, str]:
+        def work(conn: sqlite3.Connection) -> dict[int, str]:
+            rows = conn.execute(
+                "SELECT partition, owner FROM leases WHERE expires_at > ? ORDER BY partition",
+                (time.time(),),
+            )
+            return {row[0]: row[1] for row in rows}
+
+        return await self.db.read(work)
 
     async def close(self) -> None:
         await self.db.close()
