@@ -334,16 +334,21 @@ def projections() -> None:
 @data_dir_option
 @with_runtime
 async def projections_list(runtime: Any) -> None:
-    """Each projection with its checkpoint and how far behind the log it is."""
+    """Each projection's checkpoint in every partition.
+
+    With more than one partition, "behind" counts from the end of the whole log,
+    so it is an upper bound for one partition.
+    """
     last = await runtime.store.last_position()
     checkpoints = await runtime.views.checkpoints()
     table = Table("projection", "partition", "checkpoint", "behind", "collections")
     for name, projection in runtime.registry.projections.items():
-        position = checkpoints.get((name, 0), 0)
-        table.add_row(
-            name, "0", str(position), str(last - position),
-            ", ".join(c.name for c in projection.collections),
-        )
+        for partition in range(runtime.stream.partitions):
+            position = checkpoints.get((name, partition), 0)
+            table.add_row(
+                name, str(partition), str(position), str(last - position),
+                ", ".join(c.name for c in projection.collections),
+            )
     console.print(table)
 
 
@@ -360,6 +365,16 @@ async def projections_rebuild(runtime: Any, name: str) -> None:
     from cqrskit.update_processor import RetryPolicy, rebuild
 
     projection = runtime.registry.projection(name)
+    if runtime.stream.partitions > 1:
+        raise click.ClickException(
+            "rebuild replays the event log itself: stop the update processors, then run "
+            "this with CQRSKIT_STREAM=embedded against the same databases"
+        )
+    if await runtime.views.leases():
+        raise click.ClickException(
+            "update processors hold partition leases (see `cqrskit leases`): stop them "
+            "first, or they would apply their partitions a second time"
+        )
     until = await runtime.store.last_position()
     with Progress(
         TextColumn(f"rebuilding {name}"), BarColumn(), MofNCompleteColumn(),

@@ -300,7 +300,17 @@ async def rebuild(
     retry: RetryPolicy = RetryPolicy(),
     progress: Callable[[int], None] | None = None,
 ) -> int:
-    """Empty the projection's views and replay the log into them up to `until`."""
+    """Empty the projection's views and replay the log into them up to `until`.
+
+    The replay reads the whole log as partition 0 of 1. Checkpoints the
+    projection has in other partitions (from a partitioned stream) are set to
+    where the replay ended, so processors resume after it; they must not run
+    during the rebuild, since they would apply their partitions a second time.
+    """
+    others = {
+        partition for name, partition in await views.checkpoints()
+        if name == projection.name and partition != 0
+    }
 
     def reset(uow: UnitOfWork) -> None:
         for collection in projection.collections:
@@ -313,6 +323,13 @@ async def rebuild(
     await views.run(reset)
     runner = ProjectionRunner(projection, registry, views, retry=retry)
     await runner.follow(stream, 1, until=until, progress=progress)
+
+    def resume_after(uow: UnitOfWork) -> None:
+        for partition in others:
+            uow.set_checkpoint(projection.name, partition, runner.position)
+
+    if others:
+        await views.run(resume_after)
     return runner.position
 
 

@@ -341,6 +341,29 @@ async def test_rebuild_empties_the_views_and_replays_the_log(runtime: Runtime) -
     }
 
 
+async def test_rebuild_moves_the_checkpoints_of_other_partitions_past_the_replay(
+    runtime: Runtime,
+) -> None:
+    # Processors of a partitioned stream left checkpoints in partitions 1 and 3;
+    # after a rebuild from the log they must resume after it, not re-apply.
+    last = await write_records(runtime, 12, seed=9)
+
+    def old_checkpoints(uow: object) -> None:
+        uow.set_checkpoint("records", 1, 2)  # type: ignore[attr-defined]
+        uow.set_checkpoint("records", 3, 5)  # type: ignore[attr-defined]
+
+    await runtime.views.run(old_checkpoints)
+    position = await rebuild(
+        runtime.registry.projection("records"), runtime.registry, runtime.views,
+        EmbeddedStream(runtime.store), last.position,
+    )
+    checkpoints = await runtime.views.checkpoints()
+    assert {p: checkpoints[("records", p)] for p in (0, 1, 3)} == {
+        0: position, 1: position, 3: position,
+    }
+    assert position == last.position
+
+
 async def test_rebuild_clears_the_dead_letters_and_parks_again(
     open_rt: OpenRuntime, ledger: Ledger
 ) -> None:
