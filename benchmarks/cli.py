@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import tempfile
 import time
@@ -23,14 +24,28 @@ from benchmarks.common import (
 
 Workload = Callable[[Size, Path], list[Measurement]]
 
-# Embedded SQLite only, for now. A workload for another topology (PostgreSQL
-# stores, NATS stream) is one more module with `run(size, workdir)`, registered
-# here under its own name, e.g. "append-postgres"; its baselines (asyncpg,
-# nats-py without the library) live beside the raw sqlite3 ones.
+
+def _lazy(module: str) -> Workload:
+    """A workload imported only when it runs: the distributed ones need psycopg and
+    nats-py (the `postgres` and `nats` extras), which the embedded ones do not."""
+
+    def run(size: Size, workdir: Path) -> list[Measurement]:
+        workload: Workload = importlib.import_module(f"benchmarks.{module}").run
+        return workload(size, workdir)
+
+    return run
+
+
+# One module with `run(size, workdir)` each. The embedded ones use SQLite; the
+# distributed ones use PostgreSQL and NATS (see docs/benchmarks.md) and are imported
+# lazily, so that `python -m benchmarks append` works without those extras.
 WORKLOADS: dict[str, Workload] = {
     append.NAME: append.run,
     rebuild.NAME: rebuild.run,
     lag.NAME: lag.run,
+    # Distributed topology: PostgreSQL stores (and NATS JetStream for the lag).
+    "append_postgres": _lazy("append_postgres"),
+    "lag_distributed": _lazy("lag_distributed"),
 }
 
 

@@ -35,12 +35,14 @@ class Size:
     # lag: seconds of closed-loop calibration, then of steady load.
     lag_calibration_seconds: float
     lag_seconds: float
+    # lag_distributed: events projected through NATS in the throughput cases.
+    projection_events: int
 
 
 SIZES: dict[str, Size] = {
-    "tiny": Size("tiny", 400, 200, 5_000, 2_000, 0.5, 1.0),
-    "small": Size("small", 5_000, 1_000, 100_000, 100_000, 1.0, 5.0),
-    "full": Size("full", 20_000, 1_000, 1_000_000, 1_000_000, 2.0, 10.0),
+    "tiny": Size("tiny", 400, 200, 5_000, 2_000, 0.5, 1.0, 1_000),
+    "small": Size("small", 5_000, 1_000, 100_000, 100_000, 1.0, 5.0, 20_000),
+    "full": Size("full", 20_000, 1_000, 1_000_000, 1_000_000, 2.0, 10.0, 100_000),
 }
 
 # ------------------------------------------------------------------- payloads

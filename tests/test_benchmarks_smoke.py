@@ -10,9 +10,13 @@ import json
 import math
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+# The embedded ones; the distributed ones (PostgreSQL, NATS) have a test of their own.
 WORKLOADS = ("append", "rebuild", "lag")
 
 
@@ -20,7 +24,7 @@ def test_every_workload_runs_at_tiny_size(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
     completed = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--size", "tiny", "--runs", "1",
-         "--json", str(out), "--dir", str(tmp_path)],
+         "--json", str(out), "--dir", str(tmp_path), *WORKLOADS],
         cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
     )
     assert completed.returncode == 0, completed.stderr
@@ -54,3 +58,38 @@ def test_every_workload_runs_at_tiny_size(tmp_path: Path) -> None:
     assert "records · rebuild" in rates
     assert "statistics · rebuild" in rates
     assert any("p99" in r["case"] for r in results if r["workload"] == "lag")
+
+
+def test_distributed_workloads_run_at_tiny_size(
+    tmp_path: Path, require_service: Callable[..., None]
+) -> None:
+    """append_postgres and lag_distributed, against the real PostgreSQL and NATS
+    (skipped when they are not running, failed under CQRSKIT_REQUIRE_SERVICES=1)."""
+    pytest.importorskip("psycopg", reason="install the postgres extra: pip install -e '.[dev]'")
+    pytest.importorskip("nats", reason="install the nats extra: pip install -e '.[dev]'")
+    require_service("PostgreSQL", "127.0.0.1", 5432,
+                    start="docker run -d -p 5432:5432 -e POSTGRES_HOST_AUTH_METHOD=trust "
+                    "-e POSTGRES_DB=test postgres:15")
+    require_service("NATS", "127.0.0.1", 4222, start="nats-server -js -a 127.0.0.1 -p 4222")
+    out = tmp_path / "results.json"
+    completed = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--size", "tiny", "--runs", "1",
+         "--json", str(out), "append_postgres", "lag_distributed"],
+        cwd=ROOT, capture_output=True, text=True, timeout=180, check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    results = json.loads(out.read_text())["results"]
+    cases = {(r["workload"], r["case"]) for r in results}
+    for r in results:
+        assert math.isfinite(r["median"]), r
+        if r["unit"] == "%":
+            assert 0 <= r["median"] <= 100, r
+        else:
+            assert r["median"] > 0, r
+        if r["baseline"] is not None:
+            assert (r["workload"], r["baseline"]) in cases, r
+            assert r["ratio"] is not None and r["ratio"] > 0, r
+    assert ("append_postgres", "insert · 8 clients") in cases
+    assert ("append_postgres", "raw psycopg · 1 row/tx · 8 connections") in cases
+    assert ("lag_distributed", "½ max · accepted → visible in all views · p99") in cases
+    assert ("lag_distributed", "projection · 2 update processors") in cases

@@ -276,6 +276,11 @@ class UpdateProcessor:
             except asyncio.CancelledError:
                 raise
             except Exception:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # Asked to stop, but a library turned the cancellation into an
+                    # error (nats-py can, inside its own wait_for): stop all the same.
+                    return
                 log.exception(
                     "projection %s (partition %d) stopped at position %d; restarting in %.1fs",
                     runner.name, runner.partition, runner.position, self.restart_seconds,

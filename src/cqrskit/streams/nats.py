@@ -180,7 +180,9 @@ class NatsStream:
 
     def __init__(
         self, url: NatsUrl, *, connect_timeout: float = 2.0, ack_timeout: float = 10.0,
-        fetch_timeout: float = 1.0,
+        # nats-py's fetch waits for a full batch until this timeout even after the
+        # first message came, so it bounds the added latency of a quiet stream.
+        fetch_timeout: float = 0.1,
     ) -> None:
         self.url = url
         self.connect_timeout = connect_timeout
