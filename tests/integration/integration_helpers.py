@@ -2,7 +2,6 @@
 of the log that the views must equal."""
 
 import asyncio
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,9 +10,17 @@ from typing import Any, ClassVar, Protocol
 from cqrskit.aggregate import Aggregate, decides, evolves
 from cqrskit.bootstrap import Runtime
 from cqrskit.messages import Command, Envelope, Event, Identifier
-from cqrskit.ports import Collection, EventStore, Stream, ViewStore, ViewWriter
+from cqrskit.ports import Collection, Stream, ViewStore, ViewWriter
 from cqrskit.registry import Domain, Projection, Registry, projects
 from cqrskit.update_processor import ProjectionRunner
+from replays import (  # noqa: F401  (re-exported for the integration tests)
+    all_docs,
+    records_view,
+    replay_records,
+    replay_statistics,
+    statistics_view,
+    whole_log,
+)
 
 
 class OpenRuntime(Protocol):
@@ -89,72 +96,6 @@ def make_ledger() -> Ledger:
 
     registry = Registry([domain])
     return Ledger(registry, Add, registry.projection("entries"))
-
-
-async def all_docs(views: ViewStore, collection: str, page: int = 100) -> list[dict[str, Any]]:
-    """Every document of a collection in id order, read page by page."""
-    docs: list[dict[str, Any]] = []
-    cursor = None
-    while True:
-        found = await views.find(collection, {}, after=cursor, limit=page)
-        docs.extend(found.items)
-        if found.next_cursor is None:
-            return docs
-        cursor = found.next_cursor
-
-
-async def whole_log(store: EventStore) -> list[Envelope]:
-    events: list[Envelope] = []
-    while batch := await store.read_all(events[-1].position if events else 0, 500):
-        events.extend(batch)
-    return events
-
-
-def replay_records(log: list[Envelope]) -> dict[str, dict[str, Any]]:
-    """What the records view must hold after the log, computed independently."""
-    docs: dict[str, dict[str, Any]] = {}
-    for e in log:
-        if e.type == "RecordInserted":
-            docs[e.stream_id] = {
-                "id": e.stream_id, "data": e.data["data"], "version": e.version,
-                "created_at": e.recorded_at, "updated_at": e.recorded_at,
-            }
-        elif e.type == "RecordUpdated":
-            docs[e.stream_id] = {
-                **docs[e.stream_id], "data": e.data["data"], "version": e.version,
-                "updated_at": e.recorded_at,
-            }
-        elif e.type == "RecordDeleted":
-            del docs[e.stream_id]
-    return docs
-
-
-def replay_statistics(log: list[Envelope]) -> dict[str, Any]:
-    """What the statistics views must hold after the log."""
-    by_day: dict[str, Counter[str]] = {}
-    for e in log:
-        by_day.setdefault(e.recorded_at[:10], Counter())[e.type] += 1
-    return {
-        "total": len(log),
-        "by_type": dict(Counter(e.type for e in log)),
-        "by_day": {
-            day: {"day": day, "total": sum(c.values()), "by_type": dict(c)}
-            for day, c in by_day.items()
-        },
-    }
-
-
-async def records_view(views: ViewStore) -> dict[str, dict[str, Any]]:
-    return {doc["id"]: doc for doc in await all_docs(views, "records", page=37)}
-
-
-async def statistics_view(views: ViewStore) -> dict[str, Any]:
-    totals = await views.get("stats_totals", "all") or {"total": 0, "by_type": {}}
-    return {
-        "total": totals["total"],
-        "by_type": totals["by_type"],
-        "by_day": {d["day"]: d for d in await all_docs(views, "stats_by_day")},
-    }
 
 
 async def drain(runner: ProjectionRunner, runtime: Runtime, stream: Stream | None = None) -> int:
