@@ -111,6 +111,33 @@ async def _catch_up(rt: Runtime) -> None:
     raise TimeoutError(f"the projections did not catch up within {CATCH_UP_TIMEOUT}s")
 
 
+async def measure_level(
+    name: str, rt: Runtime, label: str, rate: float, seconds: float, ids: list[str]
+) -> list[Measurement]:
+    """Offer `rate` commands/s for `seconds`; what was accepted and when it became visible."""
+    issued, accepting, accept_ms, visible_ms, timeouts = await _steady(rt, rate, seconds, ids)
+    if timeouts:
+        print(f"  {name}: {timeouts} commands not visible within {VISIBLE_TIMEOUT}s",
+              file=sys.stderr)
+    offered = f"{label} · offered"
+    visible = f"{label} · accepted → visible in all views"
+    return [
+        Measurement(name, offered, rate, "cmd/s", baseline=CALIBRATION,
+                    details={"commands": issued, "timeouts": timeouts}),
+        Measurement(name, f"{label} · accepted", issued / accepting, "cmd/s",
+                    baseline=offered),
+        Measurement(name, f"{label} · submitted → accepted · p50",
+                    percentile(accept_ms, 50), "ms"),
+        Measurement(name, f"{label} · submitted → accepted · p99",
+                    percentile(accept_ms, 99), "ms"),
+        Measurement(name, f"{visible} · p50", percentile(visible_ms, 50), "ms"),
+        Measurement(name, f"{visible} · p99", percentile(visible_ms, 99), "ms"),
+        Measurement(name, f"{visible} · max", max(visible_ms), "ms"),
+        Measurement(name, f"{label} · not visible within {VISIBLE_TIMEOUT:.0f} s",
+                    100 * timeouts / issued, "%"),
+    ]
+
+
 async def _measure(directory: Path, size: Size) -> list[Measurement]:
     results: list[Measurement] = []
     rt = await open_runtime(Settings(data_dir=directory))
@@ -121,29 +148,7 @@ async def _measure(directory: Path, size: Size) -> list[Measurement]:
         for fraction, label in LOADS:
             await _catch_up(rt)
             rate = max_rate * fraction
-            issued, accepting, accept_ms, visible_ms, timeouts = await _steady(
-                rt, rate, size.lag_seconds, ids
-            )
-            if timeouts:
-                print(f"  lag: {timeouts} commands not visible within {VISIBLE_TIMEOUT}s",
-                      file=sys.stderr)
-            offered = f"{label} · offered"
-            visible = f"{label} · accepted → visible in all views"
-            results += [
-                Measurement(NAME, offered, rate, "cmd/s", baseline=CALIBRATION,
-                            details={"commands": issued, "timeouts": timeouts}),
-                Measurement(NAME, f"{label} · accepted", issued / accepting, "cmd/s",
-                            baseline=offered),
-                Measurement(NAME, f"{label} · submitted → accepted · p50",
-                            percentile(accept_ms, 50), "ms"),
-                Measurement(NAME, f"{label} · submitted → accepted · p99",
-                            percentile(accept_ms, 99), "ms"),
-                Measurement(NAME, f"{visible} · p50", percentile(visible_ms, 50), "ms"),
-                Measurement(NAME, f"{visible} · p99", percentile(visible_ms, 99), "ms"),
-                Measurement(NAME, f"{visible} · max", max(visible_ms), "ms"),
-                Measurement(NAME, f"{label} · not visible within {VISIBLE_TIMEOUT:.0f} s",
-                            100 * timeouts / issued, "%"),
-            ]
+            results += await measure_level(NAME, rt, label, rate, size.lag_seconds, ids)
     finally:
         await rt.close()
     return results

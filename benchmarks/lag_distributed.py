@@ -29,8 +29,15 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from benchmarks.append import insert_records
-from benchmarks.common import Measurement, Size, percentile
-from benchmarks.lag import CATCH_UP_TIMEOUT, LOADS, VISIBLE_TIMEOUT, _calibrate, _steady
+from benchmarks.common import Measurement, Size
+from benchmarks.lag import (
+    CALIBRATION,
+    CATCH_UP_TIMEOUT,
+    LOADS,
+    VISIBLE_TIMEOUT,
+    _calibrate,
+    measure_level,
+)
 from benchmarks.services import nats_stream, postgres_schemas
 from cqrskit.bootstrap import Runtime, open_runtime
 from cqrskit.config import Settings
@@ -39,7 +46,6 @@ from cqrskit.update_processor import RetryPolicy, UpdateProcessor
 
 NAME = "lag_distributed"
 PARTITIONS = 4
-CALIBRATION = "max insert rate · 8 clients (calibration)"
 _POLL = 0.01
 # Stopping a processor, the relay or a runtime that takes longer than this is reported
 # (with the stacks of the tasks still pending) and abandoned: the numbers are taken.
@@ -136,29 +142,9 @@ async def _lag(size: Size) -> list[Measurement]:
                 for fraction, label in LOADS:
                     await _catch_up(rt, heads)
                     rate = max_rate * fraction
-                    issued, accepting, accept_ms, visible_ms, timeouts = await _steady(
-                        rt, rate, size.lag_seconds, ids
+                    results += await measure_level(
+                        NAME, rt, label, rate, size.lag_seconds, ids
                     )
-                    if timeouts:
-                        print(f"  {NAME}: {timeouts} commands not visible within "
-                              f"{VISIBLE_TIMEOUT}s", file=sys.stderr)
-                    offered = f"{label} · offered"
-                    visible = f"{label} · accepted → visible in all views"
-                    results += [
-                        Measurement(NAME, offered, rate, "cmd/s", baseline=CALIBRATION,
-                                    details={"commands": issued, "timeouts": timeouts}),
-                        Measurement(NAME, f"{label} · accepted", issued / accepting, "cmd/s",
-                                    baseline=offered),
-                        Measurement(NAME, f"{label} · submitted → accepted · p50",
-                                    percentile(accept_ms, 50), "ms"),
-                        Measurement(NAME, f"{label} · submitted → accepted · p99",
-                                    percentile(accept_ms, 99), "ms"),
-                        Measurement(NAME, f"{visible} · p50", percentile(visible_ms, 50), "ms"),
-                        Measurement(NAME, f"{visible} · p99", percentile(visible_ms, 99), "ms"),
-                        Measurement(NAME, f"{visible} · max", max(visible_ms), "ms"),
-                        Measurement(NAME, f"{label} · not visible within "
-                                    f"{VISIBLE_TIMEOUT:.0f} s", 100 * timeouts / issued, "%"),
-                    ]
             finally:
                 await _bounded(rt.close(), "closing the runtime")
     return results
