@@ -74,10 +74,13 @@ async def open_view_store(url: str, settings: Settings, registry: Registry) -> V
     return views
 
 
-def open_stream(spec: str, store: EventStore) -> Stream:
+def open_stream(spec: str, store: EventStore | None) -> Stream:
+    """The stream by URL; the embedded one follows `store`, the command DB's log."""
     if spec == "embedded":
         from cqrskit.streams.embedded import EmbeddedStream
 
+        if store is None:
+            raise CqrskitError("the embedded stream is the command DB's log; open it first")
         return EmbeddedStream(store)
     if spec.startswith(("nats://", "tls://")):
         from cqrskit.streams.nats import NatsStream
@@ -101,37 +104,74 @@ def relay_state(store: EventStore) -> RelayState:
     raise CqrskitError(f"no relay state for {type(store).__name__}")
 
 
-# Which parts of the pipeline a process runs besides handling commands and queries:
-# `serve` runs the processor over every partition and the relay; `api` neither;
-# `update-processor` the processor over leased partitions; `relay` only the relay.
-ROLES = ("serve", "api", "update-processor", "relay")
+# What a process of each role runs. `serve` runs everything in one process; the
+# others are the separate processes of the reference's topology.
+ROLES = ("serve", "api", "command-handler", "query-handler", "update-processor", "relay")
+PARTS = ("commands", "queries", "processor", "relay")
+
+
+def role_parts(role: str, settings: Settings) -> frozenset[str]:
+    """Which PARTS a process of `role` runs.
+
+    The API handles in process what it does not forward to a handler service.
+    """
+    if role == "serve":
+        return frozenset(PARTS)
+    if role == "api":
+        local = {"commands": settings.command_handler_url, "queries": settings.query_handler_url}
+        return frozenset(part for part, url in local.items() if not url)
+    single = {
+        "command-handler": "commands", "query-handler": "queries",
+        "update-processor": "processor", "relay": "relay",
+    }
+    if role not in single:
+        raise CqrskitError(f"unknown role {role!r}; use one of {', '.join(ROLES)}")
+    return frozenset({single[role]})
+
+
+def _needs_command_db(parts: frozenset[str], settings: Settings) -> bool:
+    # Queries check tokens against the log and read command records; the embedded
+    # stream *is* the log, so a processor following it reads the command DB too.
+    follows_log = "processor" in parts and settings.stream == "embedded"
+    return bool(parts & {"commands", "queries", "relay"}) or follows_log
 
 
 @dataclass
 class Runtime:
+    """What one process opened and built; a part its role does not run is None."""
+
     settings: Settings
     registry: Registry
-    store: EventStore
-    views: ViewStore
-    stream: Stream
-    checkpoints: Checkpoints
-    commands: CommandHandler
-    queries: QueryHandler
-    processor: UpdateProcessor
-    relay: Relay | None = None
     role: str = "serve"
+    store: EventStore | None = None
+    views: ViewStore | None = None
+    stream: Stream | None = None
+    checkpoints: Checkpoints | None = None
+    commands: CommandHandler | None = None
+    queries: QueryHandler | None = None
+    processor: UpdateProcessor | None = None
+    relay: Relay | None = None
     leases: PartitionLeases | None = None
     _relay_task: asyncio.Task[None] | None = None
     _leases_task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        """Start what this process's role runs: processor, leases, relay."""
-        if self.role == "serve":
+        """Start what this process's role runs in the background: processor, leases, relay."""
+        if self.role == "serve" and self.processor is not None:
             self.processor.start()
         if self.leases is not None:
             self._leases_task = asyncio.create_task(self.leases.run(), name="leases")
-        if self.relay is not None and self.role in ("serve", "relay"):
+        if self.relay is not None:
             self._relay_task = asyncio.create_task(self.relay.run(), name="relay")
+
+    def describe(self) -> str:
+        """What this process opened, for a log line."""
+        opened = [
+            f"command DB {self.settings.command_db_url}" if self.store else "",
+            f"query DB {self.settings.query_db_url}" if self.views else "",
+            f"stream {self.settings.stream}" if self.stream else "",
+        ]
+        return ", ".join(filter(None, opened)) or "no stores"
 
     async def close(self) -> None:
         for task in (self._relay_task, self._leases_task):
@@ -145,56 +185,68 @@ class Runtime:
                 await self.leases.release()
             except Exception as error:
                 log.warning("could not release the partition leases: %s", error)
-        await self.processor.stop()
-        await self.stream.close()
-        await self.views.close()
-        await self.store.close()
+        if self.processor is not None:
+            await self.processor.stop()
+        for part in (self.stream, self.views, self.store):
+            if part is not None:
+                await part.close()
 
 
 async def open_runtime(
     settings: Settings, registry: Registry | None = None, *, role: str = "serve"
 ) -> Runtime:
-    """Open the stores and stream and build the handlers; nothing is started yet.
+    """Open the stores and stream `role` needs and build its parts; nothing is started yet.
 
-    `role` (one of ROLES) says what `Runtime.start` runs besides the handlers.
+    `role` (one of ROLES) says which parts run (`role_parts`); a store none of
+    them needs is not opened.
     """
-    if role not in ROLES:
-        raise CqrskitError(f"unknown role {role!r}; use one of {', '.join(ROLES)}")
+    parts = role_parts(role, settings)
     registry = registry or Registry(load_domains(settings.domains))
-    store = await open_event_store(settings.command_db_url, settings)
+    runtime = Runtime(settings=settings, registry=registry, role=role)
     try:
-        views = await open_view_store(settings.query_db_url, settings, registry)
+        if _needs_command_db(parts, settings):
+            runtime.store = await open_event_store(settings.command_db_url, settings)
+        if parts & {"queries", "processor"}:
+            runtime.views = await open_view_store(settings.query_db_url, settings, registry)
+        if parts & {"queries", "processor", "relay"}:
+            # A stream object connects on first use: queries only read its partition count.
+            runtime.stream = open_stream(settings.stream, runtime.store)
     except BaseException:
-        await store.close()
+        await runtime.close()
         raise
-    stream = open_stream(settings.stream, store)
-    partitions = stream.partitions
-    checkpoints = Checkpoints(views, partitions=partitions)
-    retry = RetryPolicy(settings.retry_attempts, settings.retry_backoff)
-    processor = UpdateProcessor(
-        registry, views, stream, partitions=partitions, owned=range(partitions),
-        retry=retry, checkpoints=checkpoints,
-    )
-    leases = None
-    if role == "update-processor":
-        leases = PartitionLeases(
-            views, partitions, processor.assign,
-            ttl=settings.lease_ttl, heartbeat_seconds=settings.lease_heartbeat,
+    _build_parts(runtime, parts)
+    return runtime
+
+
+def _build_parts(runtime: Runtime, parts: frozenset[str]) -> None:
+    settings, registry = runtime.settings, runtime.registry
+    store, views, stream = runtime.store, runtime.views, runtime.stream
+    if "commands" in parts:
+        assert store is not None
+        runtime.commands = CommandHandler(
+            store, registry, cache_size=settings.aggregate_cache_size
         )
-    return Runtime(
-        settings=settings,
-        registry=registry,
-        store=store,
-        views=views,
-        stream=stream,
-        checkpoints=checkpoints,
-        commands=CommandHandler(store, registry, cache_size=settings.aggregate_cache_size),
-        queries=QueryHandler(
-            registry, views, store, checkpoints,
+    if views is not None and stream is not None:
+        runtime.checkpoints = Checkpoints(views, partitions=stream.partitions)
+    if "queries" in parts:
+        assert store is not None and views is not None and runtime.checkpoints is not None
+        runtime.queries = QueryHandler(
+            registry, views, store, runtime.checkpoints,
             consistency_timeout=settings.consistency_timeout,
-        ),
-        processor=processor,
-        relay=Relay(store, stream, relay_state(store)) if stream.needs_relay else None,
-        role=role,
-        leases=leases,
-    )
+        )
+    if "processor" in parts:
+        assert views is not None and stream is not None
+        runtime.processor = UpdateProcessor(
+            registry, views, stream, partitions=stream.partitions,
+            owned=range(stream.partitions),
+            retry=RetryPolicy(settings.retry_attempts, settings.retry_backoff),
+            checkpoints=runtime.checkpoints,
+        )
+        if runtime.role == "update-processor":
+            runtime.leases = PartitionLeases(
+                views, stream.partitions, runtime.processor.assign,
+                ttl=settings.lease_ttl, heartbeat_seconds=settings.lease_heartbeat,
+            )
+    if "relay" in parts and stream is not None and stream.needs_relay:
+        assert store is not None
+        runtime.relay = Relay(store, stream, relay_state(store))

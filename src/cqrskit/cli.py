@@ -6,9 +6,10 @@ import asyncio
 import logging
 import os
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from functools import wraps
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from rich.console import Console
@@ -17,6 +18,9 @@ from rich.table import Table
 
 from cqrskit.config import Settings, environment_help
 from cqrskit.errors import CqrskitError
+
+if TYPE_CHECKING:
+    import subprocess
 
 T = TypeVar("T")
 console = Console()
@@ -39,6 +43,9 @@ def _setup_logging(level: str) -> None:
         level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # httpx logs every request at INFO: one line per forwarded command is noise.
+    if logging.getLogger().level > logging.DEBUG:
+        logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def _run(coroutine: Awaitable[T]) -> T:
@@ -55,6 +62,11 @@ data_dir_option = click.option(
     "--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
     help="Directory of the SQLite files [env CQRSKIT_DATA_DIR; default ./data].",
 )
+
+host_option = click.option(
+    "--host", default=None, help="Address to listen on [env CQRSKIT_HOST; 127.0.0.1]."
+)
+port_option = click.option("--port", type=int, default=None, help="Port [env CQRSKIT_PORT; 8000].")
 
 
 def with_runtime(fn: Callable[..., Awaitable[T]]) -> Callable[..., T]:
@@ -96,8 +108,8 @@ def main() -> None:
 
 
 @main.command(epilog=ENVIRONMENT_HELP)
-@click.option("--host", default=None, help="Address to listen on [env CQRSKIT_HOST; 127.0.0.1].")
-@click.option("--port", type=int, default=None, help="Port [env CQRSKIT_PORT; 8000].")
+@host_option
+@port_option
 @data_dir_option
 def serve(host: str | None, port: int | None, data_dir: Path | None) -> None:
     """Run the API, command handler, update processor and query handler in one process.
@@ -154,9 +166,7 @@ async def _run_until_signal(settings: Settings, role: str) -> None:
             )
         runtime.start()
         console.print(
-            f"cqrskit {role} running (pid {os.getpid()}): command DB {settings.command_db_url}, "
-            f"query DB {settings.query_db_url}, stream {settings.stream}",
-            highlight=False,
+            f"cqrskit {role} running (pid {os.getpid()}): {runtime.describe()}", highlight=False
         )
         await stop.wait()
         console.print(f"cqrskit {role} stopping", highlight=False)
@@ -181,11 +191,8 @@ def relay() -> None:
     _run(_run_until_signal(_role_settings(), "relay"))
 
 
-@main.command("api", epilog=ENVIRONMENT_HELP)
-@click.option("--host", default=None, help="Address to listen on [env CQRSKIT_HOST; 127.0.0.1].")
-@click.option("--port", type=int, default=None, help="Port [env CQRSKIT_PORT; 8000].")
-def api(host: str | None, port: int | None) -> None:
-    """Handle commands and queries over HTTP; the update processors and relay run elsewhere."""
+def _serve_http(role: str, host: str | None, port: int | None) -> None:
+    """Serve the app of one HTTP role with uvicorn until SIGTERM or SIGINT."""
     import uvicorn
 
     from cqrskit.api.app import create_app
@@ -193,13 +200,59 @@ def api(host: str | None, port: int | None) -> None:
     settings = _settings(None, host=host, port=port)
     _setup_logging(settings.log_level)
     try:
-        app = create_app(settings, role="api")
+        app = create_app(settings, role=role)
     except CqrskitError as error:
         raise click.ClickException(str(error)) from None
+    console.print(
+        f"cqrskit {role} on http://{settings.host}:{settings.port} (pid {os.getpid()})",
+        highlight=False,
+    )
     uvicorn.run(
         app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
         access_log=False,
     )
+
+
+@main.command("api", epilog=ENVIRONMENT_HELP)
+@host_option
+@port_option
+def api(host: str | None, port: int | None) -> None:
+    """Take commands and queries over HTTP; the update processors and relay run elsewhere.
+
+    Validates every request itself (same routes, schema and 4xx as `cqrskit serve`).
+    With CQRSKIT_COMMAND_HANDLER_URL and/or CQRSKIT_QUERY_HANDLER_URL set it
+    forwards what passed to those handler services and opens no store for them;
+    otherwise it handles commands and queries in process. Dead-letter routes are
+    served only when it handles queries in process (it then has the query DB).
+    """
+    _serve_http("api", host, port)
+
+
+@main.command("command-handler", epilog=ENVIRONMENT_HELP)
+@host_option
+@port_option
+def command_handler(host: str | None, port: int | None) -> None:
+    """Serve the command routes (POST /api/.../command/NAME) over HTTP, for `cqrskit api`.
+
+    Opens only the command DB (CQRSKIT_COMMAND_DB). Point the API at it with
+    CQRSKIT_COMMAND_HANDLER_URL=http://HOST:PORT; run as many as you like.
+    Health at /healthz, readiness at /readyz.
+    """
+    _serve_http("command-handler", host, port)
+
+
+@main.command("query-handler", epilog=ENVIRONMENT_HELP)
+@host_option
+@port_option
+def query_handler(host: str | None, port: int | None) -> None:
+    """Serve the query routes and GET /api/commands/ID over HTTP, for `cqrskit api`.
+
+    Opens the query DB (the views) and the command DB (to check consistency
+    tokens and command status); runs no update processor or relay. Point the
+    API at it with CQRSKIT_QUERY_HANDLER_URL=http://HOST:PORT; run as many as
+    you like. Health at /healthz, readiness at /readyz.
+    """
+    _serve_http("query-handler", host, port)
 
 
 @main.command("up", epilog=ENVIRONMENT_HELP)
@@ -209,26 +262,55 @@ def api(host: str | None, port: int | None) -> None:
 @click.option("--port", type=int, default=None, help="Port of the API [env CQRSKIT_PORT; 8000].")
 @click.option("--update-processors", type=click.IntRange(1, 64), default=2, show_default=True,
               help="How many update processor processes to start.")
-def up(distributed: bool, host: str | None, port: int | None, update_processors: int) -> None:
-    """Start a whole local topology: relay, api and update processors, as separate processes.
+@click.option("--in-process-handlers", is_flag=True,
+              help="Handle commands and queries inside the API process instead of starting "
+                   "command-handler and query-handler processes.")
+def up(
+    distributed: bool, host: str | None, port: int | None, update_processors: int,
+    in_process_handlers: bool,
+) -> None:
+    """Start a whole local topology, each role as its own `cqrskit <role>` OS process.
 
-    Needs stores other processes can share: PostgreSQL URLs in CQRSKIT_COMMAND_DB and
-    CQRSKIT_QUERY_DB, and/or a broker in CQRSKIT_STREAM. Stops them all on Ctrl-C or
-    SIGTERM.
+    The relay (when CQRSKIT_STREAM is a broker), a command handler and a query
+    handler (each on a free 127.0.0.1 port), the API on --port forwarding to
+    them, and the update processors. Needs stores other processes can share:
+    PostgreSQL URLs in CQRSKIT_COMMAND_DB and CQRSKIT_QUERY_DB, and/or a broker
+    in CQRSKIT_STREAM. Stops them all on Ctrl-C or SIGTERM.
     """
     settings = _settings(None, host=host, port=port)
     _setup_logging(settings.log_level)
     try:
-        topology = _Topology(settings, update_processors=update_processors)
+        topology = _Topology(
+            settings, update_processors=update_processors,
+            in_process_handlers=in_process_handlers,
+        )
     except CqrskitError as error:
         raise click.ClickException(str(error)) from None
     raise SystemExit(topology.run(console.print))
 
 
+def _free_port() -> int:
+    """A port free on 127.0.0.1 now; the child binds it a moment later."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class _Child:
+    role: str
+    process: subprocess.Popen[bytes]
+    url: str = ""  # where an HTTP role listens
+
+
 class _Topology:
     """`cqrskit up --distributed`: each role as a child `cqrskit <role>` OS process."""
 
-    def __init__(self, settings: Settings, *, update_processors: int) -> None:
+    def __init__(
+        self, settings: Settings, *, update_processors: int, in_process_handlers: bool = False
+    ) -> None:
         shared_dbs = not any(
             url.startswith("sqlite:") for url in (settings.command_db_url, settings.query_db_url)
         )
@@ -240,19 +322,40 @@ class _Topology:
                 "`cqrskit serve`."
             )
         self.settings = settings
-        roles = ["relay"] if settings.stream != "embedded" else []
-        self.roles = [*roles, "api", *["update-processor"] * update_processors]
-        self.children: list[tuple[str, Any]] = []
+        self.in_process_handlers = in_process_handlers
+        self.update_processors = update_processors
+        self.children: list[_Child] = []
         self.stopping = False
 
-    def _spawn(self, role: str) -> Any:
+    def _spawn(self, role: str, host: str = "", port: int = 0, **env: str) -> _Child:
+        """Start `cqrskit <role>`; an HTTP role listens on host:port."""
         import subprocess
         import sys
 
-        env = dict(os.environ)
-        env["CQRSKIT_HOST"] = self.settings.host
-        env["CQRSKIT_PORT"] = str(self.settings.port)
-        return subprocess.Popen([sys.executable, "-m", "cqrskit.cli", role], env=env)
+        child_env = {**os.environ, **env}
+        url = ""
+        if port:
+            child_env.update(CQRSKIT_HOST=host, CQRSKIT_PORT=str(port))
+            url = f"http://{host}:{port}"
+        process = subprocess.Popen([sys.executable, "-m", "cqrskit.cli", role], env=child_env)
+        child = _Child(role, process, url)
+        self.children.append(child)
+        return child
+
+    def _start_all(self) -> None:
+        """Relay first, handlers before the API that forwards to them, processors last."""
+        if self.settings.stream != "embedded":
+            self._spawn("relay")
+        # Set even when empty, so a URL exported in the shell does not leak into the API.
+        forward = {"CQRSKIT_COMMAND_HANDLER_URL": "", "CQRSKIT_QUERY_HANDLER_URL": ""}
+        if not self.in_process_handlers:
+            commands = self._spawn("command-handler", "127.0.0.1", _free_port())
+            queries = self._spawn("query-handler", "127.0.0.1", _free_port())
+            forward = {"CQRSKIT_COMMAND_HANDLER_URL": commands.url,
+                       "CQRSKIT_QUERY_HANDLER_URL": queries.url}
+        self._spawn("api", self.settings.host, self.settings.port, **forward)
+        for _ in range(self.update_processors):
+            self._spawn("update-processor")
 
     def run(self, say: Callable[..., None]) -> int:
         """Start every role, wait until the API is ready, watch them; 0 after a clean stop."""
@@ -265,23 +368,25 @@ class _Topology:
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
         try:
-            for role in self.roles:
-                self.children.append((role, self._spawn(role)))
+            self._start_all()
             url = f"http://{self.settings.host}:{self.settings.port}"
+            # The API is ready once its stores, or the handler services it forwards to, are.
             if not self._wait_ready(url + "/readyz"):
                 return 1
             say(f"cqrskit distributed topology is up; API on {url}/api (docs at {url}/docs)",
                 highlight=False, soft_wrap=True)
-            for role, child in self.children:
-                say(f"  {role:<17} pid {child.pid}", highlight=False, soft_wrap=True)
+            for child in self.children:
+                say(f"  {child.role:<17} pid {child.process.pid:<8} {child.url}".rstrip(),
+                    highlight=False, soft_wrap=True)
             say(f"  command DB {self.settings.command_db_url}\n  query DB   "
                 f"{self.settings.query_db_url}\n  stream     {self.settings.stream}\n"
                 "Ctrl-C or SIGTERM stops them all.", highlight=False, soft_wrap=True)
             while not self.stopping:
-                for role, child in self.children:
-                    if child.poll() is not None:
-                        say(f"{role} (pid {child.pid}) exited with {child.returncode}; "
-                            "stopping the others", highlight=False, soft_wrap=True)
+                for child in self.children:
+                    if child.process.poll() is not None:
+                        say(f"{child.role} (pid {child.process.pid}) exited with "
+                            f"{child.process.returncode}; stopping the others",
+                            highlight=False, soft_wrap=True)
                         return 1
                 time.sleep(0.2)
             return 0
@@ -295,7 +400,7 @@ class _Topology:
 
         deadline = time.monotonic() + timeout
         while not self.stopping and time.monotonic() < deadline:
-            if any(child.poll() is not None for _, child in self.children):
+            if any(child.process.poll() is not None for child in self.children):
                 return False
             try:
                 with urllib.request.urlopen(url, timeout=2) as answer:
@@ -310,17 +415,17 @@ class _Topology:
         """SIGTERM every child (each stops cleanly: leases released), SIGKILL laggards."""
         import subprocess
 
-        for _, child in self.children:
-            if child.poll() is None:
-                child.terminate()
-        for role, child in self.children:
+        for child in self.children:
+            if child.process.poll() is None:
+                child.process.terminate()
+        for child in self.children:
             try:
-                child.wait(timeout=20)
+                child.process.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                say(f"{role} (pid {child.pid}) did not stop in 20s; killing it",
+                say(f"{child.role} (pid {child.process.pid}) did not stop in 20s; killing it",
                     highlight=False, soft_wrap=True)
-                child.kill()
-                child.wait()
+                child.process.kill()
+                child.process.wait()
         if self.children:
             say("cqrskit distributed topology stopped", highlight=False, soft_wrap=True)
 

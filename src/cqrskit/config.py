@@ -7,12 +7,19 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# A handler service's base URL: http(s)://host[:port][/path], no query or fragment.
+_HANDLER_URL = r"^(https?://[^\s?#]+)?$"
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CQRSKIT_", extra="ignore")
 
-    host: str = Field(default="127.0.0.1", description="address the API listens on")
-    port: int = Field(default=8000, ge=0, le=65535, description="port the API listens on")
+    host: str = Field(
+        default="127.0.0.1", description="address the HTTP service (API or handler) listens on"
+    )
+    port: int = Field(
+        default=8000, ge=0, le=65535, description="port the HTTP service listens on"
+    )
     data_dir: Path = Field(default=Path("./data"), description="where the SQLite files live")
     command_db: str | None = Field(
         default=None, description="event store URL (default sqlite:///<data dir>/command.db)"
@@ -55,6 +62,21 @@ class Settings(BaseSettings):
         default=2.0, gt=0,
         description="seconds between an update processor's lease heartbeats (< lease TTL)",
     )
+    command_handler_url: str = Field(
+        default="", pattern=_HANDLER_URL,
+        description="`cqrskit api` forwards commands to this command-handler service "
+        "(http://host:port); empty: handles them in process",
+    )
+    query_handler_url: str = Field(
+        default="", pattern=_HANDLER_URL,
+        description="`cqrskit api` forwards queries and command status to this "
+        "query-handler service (http://host:port); empty: handles them in process",
+    )
+    handler_timeout: float = Field(
+        default=30.0, gt=0, le=600,
+        description="seconds the API waits for a handler service's answer before a 503 "
+        "(keep it above the query handler's CQRSKIT_CONSISTENCY_TIMEOUT)",
+    )
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR")
 
     @property
@@ -70,6 +92,6 @@ def environment_help() -> str:
     """Every setting as its environment variable, default and meaning."""
     lines = []
     for name, field in Settings.model_fields.items():
-        default = "" if field.default is None else f" [{field.default}]"
+        default = "" if field.default in (None, "") else f" [{field.default}]"
         lines.append(f"  CQRSKIT_{name.upper():<22}{field.description}{default}")
     return "\n".join(lines)

@@ -21,7 +21,8 @@ pytestmark = pytest.mark.e2e
 SUBCOMMANDS = [
     ("serve",), ("projections",), ("projections", "list"), ("projections", "rebuild"),
     ("dead-letters",), ("dead-letters", "list"), ("dead-letters", "retry"),
-    ("dead-letters", "skip"),
+    ("dead-letters", "skip"), ("api",), ("command-handler",), ("query-handler",),
+    ("update-processor",), ("relay",), ("leases",), ("up",),
 ]
 
 
@@ -52,6 +53,13 @@ def test_help_lists_every_command_and_each_subcommand_has_help() -> None:
         assert all(f"\n  {child} " in out for child in children), out
         for child in children:
             assert "--data-dir" in results[(group, child, "--help")].stdout
+    for role in ("api", "command-handler", "query-handler"):
+        out = results[(role, "--help")].stdout
+        assert "--host" in out and "--port" in out, out
+        assert "CQRSKIT_COMMAND_HANDLER_URL" in out and "CQRSKIT_QUERY_HANDLER_URL" in out
+    assert "Opens only the command DB" in results[("command-handler", "--help")].stdout
+    assert "runs no update processor" in results[("query-handler", "--help")].stdout
+    assert "--in-process-handlers" in results[("up", "--help")].stdout
     assert "NAME" in results[("projections", "rebuild", "--help")].stdout
     assert "DEAD_LETTER_ID" in results[("dead-letters", "retry", "--help")].stdout
 

@@ -1,6 +1,7 @@
 """The distributed topology as real OS processes on PostgreSQL and NATS JetStream.
 
-`cqrskit up --distributed` starts and stops every role; and with the roles
+`cqrskit up --distributed` starts every role (the API forwarding to a command
+handler and a query handler) and stops them all on SIGTERM or Ctrl-C; and with the roles
 started one by one, killing one of two update processors (SIGKILL, mid-load)
 hands its partitions to the other, and the views end equal to a replay of the
 event log: nothing lost, nothing doubled.
@@ -9,11 +10,9 @@ event log: nothing lost, nothing doubled.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
+import re
 import signal
-import subprocess
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,102 +21,8 @@ from typing import Any
 import httpx
 import pytest
 
-from .harness import _DIE_WITH_PARENT, CQRSKIT, child_env, free_port, run_cli, wait_until
-
-NATS_HOST, NATS_PORT = "127.0.0.1", 4222
-PARTITIONS = 8
-
-
-class Topology:
-    """Environment for one test's processes: its own schema and NATS stream."""
-
-    def __init__(self, dsn: str, url: str, log_dir: Path) -> None:
-        tag = uuid.uuid4().hex[:10]
-        self.dsn = dsn
-        self.schema = url.split("schema=")[1]
-        self.stream = f"CQRSKIT_T_{tag}"
-        self.port = free_port()
-        self.log_dir = log_dir
-        self.env = {
-            "CQRSKIT_COMMAND_DB": url,
-            "CQRSKIT_QUERY_DB": url,
-            "CQRSKIT_STREAM": (
-                f"nats://{NATS_HOST}:{NATS_PORT}?stream={self.stream}"
-                f"&subject=cqrskit_t_{tag}.events&partitions={PARTITIONS}"
-            ),
-            "CQRSKIT_HOST": "127.0.0.1",
-            "CQRSKIT_PORT": str(self.port),
-            "CQRSKIT_LEASE_TTL": "2",
-            "CQRSKIT_LEASE_HEARTBEAT": "0.3",
-        }
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def start(self, *args: str) -> subprocess.Popen[bytes]:
-        name = "-".join(args).replace("--", "")
-        log = (self.log_dir / f"{name}-{len(self.procs)}.log").open("ab")
-        proc = subprocess.Popen(
-            [CQRSKIT, *args], env=child_env(self.env), stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, preexec_fn=_DIE_WITH_PARENT,
-        )
-        self.procs.append(proc)
-        return proc
-
-    def logs(self) -> str:
-        return "\n".join(
-            f"--- {path.name}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-30:])
-            for path in sorted(self.log_dir.glob("*.log"))
-        )
-
-    def client(self) -> httpx.Client:
-        return httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=30)
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        def ready() -> bool:
-            try:
-                with self.client() as client:
-                    return client.get("/readyz").status_code == 200
-            except httpx.TransportError:
-                return False
-
-        try:
-            wait_until(ready, timeout=timeout, interval=0.2, what="the API's /readyz")
-        except AssertionError:
-            raise AssertionError(self.logs()) from None
-
-    def sql(self, statement: str) -> list[tuple[Any, ...]]:
-        import psycopg
-
-        with psycopg.connect(self.dsn, autocommit=True) as conn:
-            return conn.execute(statement.replace("{s}", self.schema)).fetchall()
-
-    def leases(self) -> dict[int, str]:
-        return dict(self.sql(  # type: ignore[arg-type]
-            "SELECT partition, owner FROM {s}.leases "
-            "WHERE expires_at > extract(epoch FROM clock_timestamp())"
-        ))
-
-    def close(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        with contextlib.suppress(Exception):
-            asyncio.run(_delete_stream(self.stream))
-
-
-async def _delete_stream(name: str) -> None:
-    import nats
-
-    client = await nats.connect(f"nats://{NATS_HOST}:{NATS_PORT}", allow_reconnect=False)
-    try:
-        await client.jetstream().delete_stream(name)
-    finally:
-        await client.close()
+from .harness import run_cli, wait_until
+from .topology import NATS_HOST, NATS_PORT, PARTITIONS, Topology
 
 
 @pytest.fixture
@@ -141,9 +46,41 @@ def test_up_refuses_sqlite_with_the_embedded_stream(tmp_path: Path) -> None:
     assert "cqrskit serve" in result.stderr and "postgresql://" in result.stderr
 
 
-def test_up_distributed_runs_every_role_and_stops_them_on_sigterm(topology: Topology) -> None:
+def _roles_of(up_log: str) -> list[tuple[str, int, str]]:
+    """(role, pid, url) of each child, from the lines `cqrskit up` prints once it is up."""
+    return [
+        (m["role"], int(m["pid"]), m["url"])
+        for m in re.finditer(r"^  (?P<role>[a-z-]+) +pid (?P<pid>\d+) *(?P<url>\S*)$", up_log,
+                             re.MULTILINE)
+    ]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("stop", ["SIGTERM", "Ctrl-C"])
+def test_up_distributed_runs_every_role_and_stops_them(topology: Topology, stop: str) -> None:
     up = topology.start("up", "--distributed", "--port", str(topology.port))
     topology.wait_ready()
+    up_log = wait_until(
+        lambda: (lambda text: text if "Ctrl-C or SIGTERM stops them all" in text else None)(
+            topology.logs()),
+        timeout=10, interval=0.1, what="cqrskit up to list its roles",
+    )
+    roles = _roles_of(up_log)
+    assert sorted(role for role, _, _ in roles) == [
+        "api", "command-handler", "query-handler", "relay", "update-processor",
+        "update-processor",
+    ], up_log
+    assert all(_alive(pid) for _, pid, _ in roles)
+    urls = {role: url for role, _, url in roles if url}
+    assert urls["api"] == f"http://127.0.0.1:{topology.port}"
+
     leases = wait_until(
         lambda: (lambda held: held if len(held) == PARTITIONS
                  and sorted(Counter(held.values()).values()) == [4, 4] else None)(
@@ -156,17 +93,35 @@ def test_up_distributed_runs_every_role_and_stops_them_on_sigterm(topology: Topo
     assert all(owner in listing.stdout for owner in leases.values())
     with topology.client() as client:
         answer = client.post("/api/command/insert", json={"id": "up-1", "data": {"n": 1}})
-        assert answer.status_code in (200, 201, 202), answer.text
+        assert answer.status_code == 202, answer.text
         token = answer.json()["consistency_token"]
         got = client.get("/api/query/get", params={"id": "up-1"},
                          headers={"X-Consistency-Token": token})
         assert got.status_code == 200 and got.headers["X-Consistency"] == "fresh"
+        assert got.json()["data"] == {"n": 1}
+        # The API forwards to the handler services and opens no store itself.
+        assert client.get("/readyz").json()["checks"] == {
+            "command_handler": "ok", "query_handler": "ok"}
+    # Each handler service answers on its own port, with only its own routes.
+    with httpx.Client(base_url=urls["command-handler"], timeout=10) as commands:
+        assert commands.get("/readyz").json()["checks"] == {"command_db": "ok"}
+        assert commands.get("/api/query/get", params={"id": "up-1"}).status_code == 404
+    with httpx.Client(base_url=urls["query-handler"], timeout=10) as queries:
+        assert queries.get("/api/query/get", params={"id": "up-1"}).status_code == 200
 
-    up.send_signal(signal.SIGTERM)
+    if stop == "Ctrl-C":
+        # A terminal sends SIGINT to the whole foreground process group: `up` and every child.
+        for pid in (up.pid, *(pid for _, pid, _ in roles)):
+            os.kill(pid, signal.SIGINT)
+    else:
+        up.send_signal(signal.SIGTERM)
     assert up.wait(timeout=40) == 0, topology.logs()
+    assert not any(_alive(pid) for _, pid, _ in roles)
     # Every child stopped cleanly: the update processors released their leases.
     assert topology.sql("SELECT count(*) FROM {s}.leases") == [(0,)]
-    assert "topology stopped" in topology.logs()
+    logs = topology.logs(lines=200)
+    assert "topology stopped" in logs and "did not stop" not in logs, logs
+    assert "Traceback" not in logs, logs
 
 
 async def _load(

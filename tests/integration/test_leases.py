@@ -133,21 +133,24 @@ async def test_update_processors_with_leases_hand_the_partition_over(tmp_path: P
     )
     one = await open_runtime(settings, role="update-processor")
     two = await open_runtime(settings, role="update-processor")
-    running = [one, two]
+    writer = await open_runtime(settings, role="command-handler")
+    # Each role builds only its parts: no command handler in a processor, no views in a writer.
+    assert one.commands is None and one.queries is None and writer.views is None
+    running = [one, two, writer]
     try:
         one.start()
         await eventually(lambda: one.processor.owned == [0])
         two.start()
         for n in range(20):
-            await one.commands.handle(InsertRecord(id=f"r{n}", data={"n": n}))
+            await writer.commands.handle(InsertRecord(id=f"r{n}", data={"n": n}))
         await asyncio.sleep(5 * HEARTBEAT)
         assert one.processor.owned == [0] and two.processor.owned == []
         running.remove(one)
         await one.close()
         for n in range(20, 40):
-            await two.commands.handle(InsertRecord(id=f"r{n}", data={"n": n}))
+            await writer.commands.handle(InsertRecord(id=f"r{n}", data={"n": n}))
         await eventually(lambda: two.processor.owned == [0])
-        last = await two.store.last_position()
+        last = await writer.store.last_position()
 
         async def done() -> bool:
             return (await two.views.checkpoints()).get(("records", 0), 0) >= last

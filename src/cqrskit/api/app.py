@@ -1,54 +1,124 @@
-"""The FastAPI application: the reference's App Service API."""
+"""The FastAPI application: the reference's App Service API, and its handler services.
+
+One factory, four HTTP roles:
+
+| role | routes | commands and queries |
+|---|---|---|
+| `serve` | all | in process, with the update processor and relay |
+| `api` | all | in process, or forwarded to CQRSKIT_COMMAND_HANDLER_URL / QUERY_HANDLER_URL |
+| `command-handler` | commands, health | in process |
+| `query-handler` | queries, command status, health | in process |
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 from fastapi import FastAPI
 
 from cqrskit.api import errors
-from cqrskit.api.operations import operations_router
+from cqrskit.api.forwarding import Forwarder, open_client
+from cqrskit.api.operations import (
+    command_status_router,
+    dead_letters_elsewhere_router,
+    dead_letters_router,
+    health_router,
+)
 from cqrskit.api.routes import domain_router
-from cqrskit.bootstrap import Runtime, load_domains, open_runtime
+from cqrskit.api.services import CommandService, LocalCommands, LocalQueries, QueryService
+from cqrskit.bootstrap import Runtime, load_domains, open_runtime, role_parts
 from cqrskit.config import Settings
-from cqrskit.errors import Unavailable
+from cqrskit.errors import CqrskitError, Unavailable
+from cqrskit.ports import ViewStore
 from cqrskit.registry import Registry
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Which routes each HTTP role serves.
+COMMAND_ROUTES = ("serve", "api", "command-handler")
+QUERY_ROUTES = ("serve", "api", "query-handler")
+DEAD_LETTER_ROUTES = ("serve", "api")
+
+
+def _running(service: T | None) -> T:
+    if service is None:
+        raise Unavailable("the service is starting or stopping")
+    return service
+
+
+@dataclass
+class Services:
+    """What the routes call; set while the app runs, between start-up and shutdown."""
+
+    runtime: Runtime | None = None
+    command_service: CommandService | None = None
+    query_service: QueryService | None = None
+    forwarders: list[Forwarder] = field(default_factory=list)
+
+    def commands(self) -> CommandService:
+        return _running(self.command_service)
+
+    def queries(self) -> QueryService:
+        return _running(self.query_service)
+
+    def views(self) -> ViewStore:
+        return _running(self.runtime.views if self.runtime else None)
+
+    async def readiness(self) -> dict[str, str]:
+        """Every store this process opened, and every handler service it forwards to."""
+        runtime = _running(self.runtime)
+        checks: dict[str, str] = {}
+        for name, store in (("command_db", runtime.store), ("query_db", runtime.views)):
+            if store is None:
+                continue
+            try:
+                await store.check()
+                checks[name] = "ok"
+            except Exception as error:
+                checks[name] = f"failing: {type(error).__name__}: {error}"
+        for forwarder in self.forwarders:
+            checks[forwarder.name.replace(" ", "_")] = await forwarder.check()
+        return checks
 
 
 def create_app(
     settings: Settings | None = None, registry: Registry | None = None, *, role: str = "serve"
 ) -> FastAPI:
-    """Build the app; the stores are opened when it starts and closed when it stops.
+    """Build the app for `role`; stores and clients are opened when it starts, closed when
+    it stops.
 
-    `role="serve"` also runs the update processor and relay in this process;
-    `role="api"` only handles commands and queries (the rest run as other processes).
+    `serve` also runs the update processor and relay in this process; `api`
+    handles commands and queries in process or forwards them (the rest run as
+    other processes); `command-handler` and `query-handler` are the services
+    an API forwards to.
     """
     settings = settings or Settings()
     registry = registry or Registry(load_domains(settings.domains))
-    holder: dict[str, Runtime] = {}
-
-    def runtime() -> Runtime:
-        try:
-            return holder["runtime"]
-        except KeyError:
-            raise Unavailable("the service is starting or stopping") from None
+    if role not in COMMAND_ROUTES + QUERY_ROUTES:
+        raise CqrskitError(f"{role!r} serves no HTTP; use serve, api, command-handler or "
+                           "query-handler")
+    local = role_parts(role, settings)
+    services = Services()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        rt = await open_runtime(settings, registry, role=role)
-        rt.start()
-        holder["runtime"] = rt
-        log.info("cqrskit ready: command DB %s, query DB %s, stream %s",
-                 settings.command_db_url, settings.query_db_url, settings.stream)
-        try:
-            yield
-        finally:
-            del holder["runtime"]
-            await rt.close()
+        async with contextlib.AsyncExitStack() as stack:
+            runtime = await open_runtime(settings, registry, role=role)
+            stack.push_async_callback(runtime.close)
+            _set_services(services, runtime, settings, stack)
+            runtime.start()
+            log.info("cqrskit %s ready: %s%s", role, runtime.describe(), "".join(
+                f"; {f.name} at {f.url}" for f in services.forwarders))
+            try:
+                yield
+            finally:
+                services.runtime = services.command_service = services.query_service = None
 
     app = FastAPI(
         title="cqrskit",
@@ -58,7 +128,40 @@ def create_app(
     )
     errors.install(app)
     app.add_middleware(errors.BodyLimit, limit=settings.max_body_bytes)
+    commands = services.commands if role in COMMAND_ROUTES else None
+    queries = services.queries if role in QUERY_ROUTES else None
     for domain in registry.domains:
-        app.include_router(domain_router(domain, runtime))
-    app.include_router(operations_router(runtime))
+        app.include_router(domain_router(domain, commands, queries))
+    app.include_router(health_router(services.readiness))
+    if queries is not None:
+        app.include_router(command_status_router(queries))
+    if role in DEAD_LETTER_ROUTES:
+        if "queries" in local:
+            app.include_router(dead_letters_router(registry, services.views))
+        else:
+            app.include_router(dead_letters_elsewhere_router())
     return app
+
+
+def _set_services(
+    services: Services, runtime: Runtime, settings: Settings, stack: contextlib.AsyncExitStack
+) -> None:
+    """In-process services for what the runtime handles; forwarders for what the API forwards."""
+    services.runtime = runtime
+    services.forwarders = []
+    if runtime.commands is not None:
+        services.command_service = LocalCommands(runtime.commands)
+    if runtime.queries is not None:
+        services.query_service = LocalQueries(runtime.queries)
+    if runtime.role != "api" or not (settings.command_handler_url or settings.query_handler_url):
+        return
+    client = open_client(settings.handler_timeout)
+    stack.push_async_callback(client.aclose)
+    if settings.command_handler_url:
+        commands = Forwarder(client, settings.command_handler_url, "command handler")
+        services.command_service = commands
+        services.forwarders.append(commands)
+    if settings.query_handler_url:
+        queries = Forwarder(client, settings.query_handler_url, "query handler")
+        services.query_service = queries
+        services.forwarders.append(queries)

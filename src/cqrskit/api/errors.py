@@ -65,7 +65,7 @@ def error_response(
     return Response(orjson.dumps(body), status, headers, media_type="application/json")
 
 
-def _is_json(content_type: str) -> bool:
+def is_json(content_type: str) -> bool:
     """The rule FastAPI itself uses to decide whether to parse a body as JSON."""
     media = content_type.split(";")[0].strip().lower()
     return media == "application/json" or (
@@ -88,7 +88,7 @@ async def _validation(request: Request, exc: Exception) -> Response:
         )
     content_type = request.headers.get("content-type", "")
     body_error = any(e["loc"][:1] == ("body",) for e in errors)
-    if body_error and not _is_json(content_type):
+    if body_error and not is_json(content_type):
         sent = f"not {content_type}" if content_type else "and none was sent"
         return error_response(
             415, "unsupported_media_type",

@@ -1,68 +1,78 @@
 """Routes for operators: health, readiness, command status, dead letters."""
 
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from cqrskit.api.errors import error_response
-from cqrskit.api.routes import RuntimeRef
+from cqrskit.api.routes import QueriesRef
 from cqrskit.messages import IDENTIFIER_PATTERN
+from cqrskit.ports import ViewStore
+from cqrskit.registry import Registry
 from cqrskit.update_processor import retry_dead_letters, skip_dead_letter
 
 DeadLetterId = Annotated[int, Path(ge=1, le=2**62)]
+# What /readyz reports: one entry per store or handler service, "ok" or why not.
+Readiness = Callable[[], Awaitable[dict[str, str]]]
+ViewsRef = Callable[[], ViewStore]
 
 
-def operations_router(runtime: RuntimeRef) -> APIRouter:
-    router = APIRouter()
+def health_router(readiness: Readiness) -> APIRouter:
+    router = APIRouter(tags=["operations"])
 
-    @router.get("/healthz", tags=["operations"], summary="The process is up")
+    @router.get("/healthz", summary="The process is up")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @router.get("/readyz", tags=["operations"], summary="The stores answer")
+    @router.get("/readyz", summary="The stores and handler services this process uses answer")
     async def readyz() -> JSONResponse:
-        checks: dict[str, str] = {}
-        rt = runtime()
-        for name, store in (("command_db", rt.store), ("query_db", rt.views)):
-            try:
-                await store.check()
-                checks[name] = "ok"
-            except Exception as error:
-                checks[name] = f"failing: {type(error).__name__}: {error}"
+        checks = await readiness()
         ready = all(v == "ok" for v in checks.values())
         return JSONResponse(
             {"status": "ready" if ready else "not_ready", "checks": checks},
             status_code=200 if ready else 503,
         )
 
+    return router
+
+
+def command_status_router(queries: QueriesRef) -> APIRouter:
+    router = APIRouter(tags=["operations"])
+
     @router.get(
-        "/api/commands/{command_id}", tags=["operations"],
+        "/api/commands/{command_id}", response_model=dict[str, Any],
         summary="Whether a command's events have reached the views",
     )
     async def command_status(
-        command_id: Annotated[str, Path(pattern=IDENTIFIER_PATTERN)],
-    ) -> dict[str, Any]:
-        return await runtime().queries.command_status(command_id)
+        request: Request, command_id: Annotated[str, Path(pattern=IDENTIFIER_PATTERN)],
+    ) -> Response:
+        return await queries().command_status(command_id, request)
 
-    @router.get("/api/dead-letters", tags=["operations"], summary="Parked events")
+    return router
+
+
+def dead_letters_router(registry: Registry, views: ViewsRef) -> APIRouter:
+    """Dead letters, served by a process that has the query DB open."""
+    router = APIRouter(tags=["operations"])
+
+    @router.get("/api/dead-letters", summary="Parked events")
     async def list_dead_letters(
         projection: Annotated[str | None, Query(pattern=r"^[a-z][a-z0-9_]{0,62}$")] = None,
     ) -> dict[str, Any]:
-        rt = runtime()
         if projection is not None:
-            rt.registry.projection(projection)
-        letters = await rt.views.list_dead_letters(projection)
+            registry.projection(projection)
+        letters = await views().list_dead_letters(projection)
         return {"items": [d.to_dict() for d in letters]}
 
     @router.post(
-        "/api/dead-letters/{dead_letter_id}/retry", tags=["operations"],
+        "/api/dead-letters/{dead_letter_id}/retry",
         summary="Re-apply the parked events of this dead letter's stream, oldest first",
         responses={409: {"description": "the head event failed again; it stays parked"}},
     )
     async def retry(dead_letter_id: DeadLetterId) -> Response:
-        rt = runtime()
-        outcome = await retry_dead_letters(rt.registry, rt.views, dead_letter_id)
+        outcome = await retry_dead_letters(registry, views(), dead_letter_id)
         if outcome.error is not None:
             return error_response(
                 409, "retry_failed",
@@ -72,11 +82,28 @@ def operations_router(runtime: RuntimeRef) -> APIRouter:
         return JSONResponse({"applied": outcome.applied, "remaining": outcome.remaining})
 
     @router.post(
-        "/api/dead-letters/{dead_letter_id}/skip", tags=["operations"],
-        summary="Drop one parked event for good",
+        "/api/dead-letters/{dead_letter_id}/skip", summary="Drop one parked event for good",
     )
     async def skip(dead_letter_id: DeadLetterId) -> dict[str, Any]:
-        dead_letter = await skip_dead_letter(runtime().views, dead_letter_id)
+        dead_letter = await skip_dead_letter(views(), dead_letter_id)
         return {"skipped": dead_letter.to_dict()}
+
+    return router
+
+
+def dead_letters_elsewhere_router() -> APIRouter:
+    """An API that forwards queries has no query DB: say where dead letters are managed."""
+    router = APIRouter()
+
+    @router.api_route(
+        "/api/dead-letters{rest:path}", methods=["GET", "POST"], include_in_schema=False
+    )
+    async def elsewhere(rest: str) -> Response:
+        return error_response(
+            404, "not_served_here",
+            "this API forwards queries to CQRSKIT_QUERY_HANDLER_URL and does not open the "
+            "query DB; manage dead letters with `cqrskit dead-letters list|retry|skip` "
+            "where CQRSKIT_QUERY_DB is set",
+        )
 
     return router

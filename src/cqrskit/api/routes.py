@@ -5,19 +5,20 @@ signatures built below at runtime, with the command and query classes in them.
 """
 
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated
 
-import orjson
 from fastapi import APIRouter, Header, Query, Request, Response
 from pydantic import BaseModel
 
 from cqrskit.api.errors import error_responses
-from cqrskit.bootstrap import Runtime
-from cqrskit.messages import IDENTIFIER_PATTERN, Command, CommandResult
+from cqrskit.api.services import CommandService, QueryService
+from cqrskit.messages import IDENTIFIER_PATTERN, Command
 from cqrskit.registry import Domain
 from cqrskit.registry import Query as QueryModel
 
-RuntimeRef = Callable[[], Runtime]
+# The services are set while the app runs; a route asks for them per request.
+CommandsRef = Callable[[], CommandService]
+QueriesRef = Callable[[], QueryService]
 
 IdempotencyKey = Annotated[
     str | None,
@@ -45,32 +46,16 @@ class CommandAccepted(BaseModel):
     consistency_token: str
 
 
-def accepted(result: CommandResult) -> Response:
-    headers = {"Location": f"/api/commands/{result.command_id}"}
-    if result.replayed:
-        headers["Idempotent-Replayed"] = "true"
-    return Response(
-        orjson.dumps(result.to_dict()), 202, headers, media_type="application/json"
-    )
-
-
-def _command_route(router: APIRouter, command_type: type[Command], runtime: RuntimeRef) -> None:
+def _command_route(router: APIRouter, command_type: type[Command], commands: CommandsRef) -> None:
+    # The headers are parameters so that they are validated and published; the
+    # service reads them from the request.
     async def endpoint(
         request: Request,
         command: command_type,  # type: ignore[valid-type]
         idempotency_key: IdempotencyKey = None,
         x_correlation_id: CorrelationId = None,
     ) -> Response:
-        metadata: dict[str, Any] = {}
-        if x_correlation_id:
-            metadata["correlation_id"] = x_correlation_id
-        traceparent = request.headers.get("traceparent")
-        if traceparent:
-            metadata["traceparent"] = traceparent[:64]
-        result = await runtime().commands.handle(
-            command, command_id=idempotency_key, metadata=metadata
-        )
-        return accepted(result)
+        return await commands().handle(command, request)
 
     router.add_api_route(
         f"/command/{command_type.name}",
@@ -94,16 +79,13 @@ def _command_route(router: APIRouter, command_type: type[Command], runtime: Runt
     )
 
 
-def _query_route(router: APIRouter, query_type: type[QueryModel], runtime: RuntimeRef) -> None:
+def _query_route(router: APIRouter, query_type: type[QueryModel], queries: QueriesRef) -> None:
     async def endpoint(
-        response: Response,
+        request: Request,
         query: Annotated[query_type, Query()],  # type: ignore[valid-type]
         x_consistency_token: ConsistencyTokenHeader = None,
-    ) -> Any:
-        answer = await runtime().queries.handle(query, x_consistency_token)
-        if answer.fresh is not None:
-            response.headers["X-Consistency"] = "fresh" if answer.fresh else "stale"
-        return answer.result
+    ) -> Response:
+        return await queries().query(query, request)
 
     router.add_api_route(
         f"/query/{query_type.name}",
@@ -122,10 +104,15 @@ def _query_route(router: APIRouter, query_type: type[QueryModel], runtime: Runti
     )
 
 
-def domain_router(domain: Domain, runtime: RuntimeRef) -> APIRouter:
+def domain_router(
+    domain: Domain, commands: CommandsRef | None, queries: QueriesRef | None
+) -> APIRouter:
+    """The domain's command routes (if `commands`) and query routes (if `queries`)."""
     router = APIRouter(prefix=domain.prefix, tags=[domain.name])
-    for command_type, _ in domain.commands.values():
-        _command_route(router, command_type, runtime)
-    for query_type in domain.queries.values():
-        _query_route(router, query_type, runtime)
+    if commands is not None:
+        for command_type, _ in domain.commands.values():
+            _command_route(router, command_type, commands)
+    if queries is not None:
+        for query_type in domain.queries.values():
+            _query_route(router, query_type, queries)
     return router
