@@ -10,6 +10,7 @@ from cqrskit.errors import CqrskitError, InvalidRequest, NotFound
 from cqrskit.messages import ConsistencyToken, stream_hash
 from cqrskit.ports import EventStore, ViewStore
 from cqrskit.registry import Query, Registry
+from cqrskit.telemetry import operation, queries, query_duration
 
 
 @dataclass(slots=True, frozen=True)
@@ -40,6 +41,10 @@ class QueryHandler:
         self.consistency_timeout = consistency_timeout
 
     async def handle(self, query: Query, consistency_token: str | None = None) -> Answer:
+        with operation(f"query {query.name}", queries, query_duration, {"query": query.name}):
+            return await self._handle(query, consistency_token)
+
+    async def _handle(self, query: Query, consistency_token: str | None) -> Answer:
         fresh = None
         if consistency_token:
             fresh = await self._wait(query, self._decode(consistency_token))

@@ -1,0 +1,293 @@
+"""Traces and metrics through OpenTelemetry: the reference's Application Insights role.
+
+The rest of cqrskit records spans and measurements through the OpenTelemetry
+API only, which costs next to nothing until `configure` installs the SDK. The
+exporter is chosen by environment: none, console, OTLP or Azure Monitor; the
+metrics are always readable in Prometheus format at /metrics.
+
+A command's trace context travels in its events' metadata (`traceparent`), so
+one trace runs from the HTTP request through the stream to the view update,
+across processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+from opentelemetry import metrics, propagate, trace
+from opentelemetry.context import Context
+from opentelemetry.metrics import CallbackOptions, Counter, Histogram, Observation
+from opentelemetry.trace import Span, StatusCode
+
+from cqrskit.errors import CqrskitError
+from cqrskit.status import Status
+
+log = logging.getLogger(__name__)
+
+tracer = trace.get_tracer("cqrskit")
+meter = metrics.get_meter("cqrskit")
+
+commands = meter.create_counter(
+    "cqrskit.commands", unit="{command}",
+    description="Commands handled, by command and outcome",
+)
+command_duration = meter.create_histogram(
+    "cqrskit.command.duration", unit="s", description="Time to handle a command",
+)
+events_appended = meter.create_counter(
+    "cqrskit.events.appended", unit="{event}", description="Events written to the command DB",
+)
+events_published = meter.create_counter(
+    "cqrskit.events.published", unit="{event}", description="Events the relay published",
+)
+events_projected = meter.create_counter(
+    "cqrskit.events.projected", unit="{event}",
+    description="Events an update processor committed to the views, by projection",
+)
+queries = meter.create_counter(
+    "cqrskit.queries", unit="{query}", description="Queries answered, by query and outcome",
+)
+query_duration = meter.create_histogram(
+    "cqrskit.query.duration", unit="s", description="Time to answer a query",
+)
+
+
+# ------------------------------------------------------- operations
+
+
+def outcome_of(error: BaseException) -> str:
+    """`ok`, an expected refusal named after its error (`not_found`), or `error`."""
+    if isinstance(error, CqrskitError):
+        return re.sub(r"(?<!^)(?=[A-Z])", "_", type(error).__name__).lower()
+    return "error"
+
+
+@contextmanager
+def operation(
+    name: str, counter: Counter, duration: Histogram, attributes: dict[str, Any]
+) -> Iterator[Span]:
+    """A span around one command or query, counted and timed by outcome.
+
+    A refusal the client caused (a CqrskitError: 4xx) is an outcome, not a
+    failure of the service: only unexpected errors mark the span as failed.
+    """
+    started = time.perf_counter()
+    outcome = "ok"
+    with tracer.start_as_current_span(
+        name, attributes=attributes, record_exception=False, set_status_on_exception=False
+    ) as span:
+        try:
+            yield span
+        except BaseException as error:
+            outcome = outcome_of(error)
+            span.set_attribute("cqrskit.outcome", outcome)
+            if outcome == "error":
+                span.record_exception(error)
+                span.set_status(StatusCode.ERROR, f"{type(error).__name__}: {error}")
+            raise
+        finally:
+            measured = {**attributes, "outcome": outcome}
+            counter.add(1, measured)
+            duration.record(time.perf_counter() - started, measured)
+
+
+# ------------------------------------------------------- trace context
+
+
+def trace_headers() -> dict[str, str]:
+    """The current trace context as W3C headers, to store in an event's metadata."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier
+
+
+def context_of(metadata: Mapping[str, Any]) -> Context:
+    """The trace context an event's metadata carries (an empty one if none)."""
+    return propagate.extract({k: v for k, v in metadata.items() if isinstance(v, str)})
+
+
+# ------------------------------------------------------- lag, from status snapshots
+
+_latest: list[Status] = []
+
+
+def publish_status(status: Status) -> None:
+    """Make this snapshot what the lag gauges report at the next collection."""
+    _latest[:] = [status]
+
+
+def _lag_events(options: CallbackOptions) -> Iterable[Observation]:
+    for status in _latest:
+        for lag in status.lags:
+            yield Observation(lag.events, {"projection": lag.projection,
+                                           "partition": lag.partition})
+
+
+def _lag_seconds(options: CallbackOptions) -> Iterable[Observation]:
+    for status in _latest:
+        for lag in status.lags:
+            yield Observation(lag.seconds, {"projection": lag.projection,
+                                            "partition": lag.partition})
+
+
+def _dead_letters(options: CallbackOptions) -> Iterable[Observation]:
+    for status in _latest:
+        for projection, count in status.dead_letters.items():
+            yield Observation(count, {"projection": projection})
+
+
+def _log_position(options: CallbackOptions) -> Iterable[Observation]:
+    for status in _latest:
+        yield Observation(status.last_position)
+
+
+meter.create_observable_gauge(
+    "cqrskit.projection.lag.events", [_lag_events], unit="{event}",
+    description="Events in the log a projection has not applied yet, per partition",
+)
+meter.create_observable_gauge(
+    "cqrskit.projection.lag.seconds", [_lag_seconds], unit="s",
+    description="Age of the oldest event a projection has not applied yet, per partition",
+)
+meter.create_observable_gauge(
+    "cqrskit.dead_letters", [_dead_letters], unit="{event}",
+    description="Events parked in the dead-letter queue, by projection",
+)
+meter.create_observable_gauge(
+    "cqrskit.log.position", [_log_position], unit="{event}",
+    description="The last position in the event log",
+)
+
+
+# ------------------------------------------------------- setup
+
+EXPORTERS = ("auto", "none", "console", "otlp", "azure")
+_shutdown: list[Callable[[], None]] = []
+
+
+def choose_exporter(setting: str, environ: Mapping[str, str] = os.environ) -> str:
+    """`auto` picks Azure Monitor or OTLP when their standard variables are set."""
+    if setting != "auto":
+        return setting
+    if environ.get("APPLICATIONINSIGHTS_CONNECTION_STRING"):
+        return "azure"
+    if environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or environ.get(
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+    ):
+        return "otlp"
+    return "none"
+
+
+def configure(exporter: str, service_name: str) -> None:
+    """Install the SDK once per process: tracing to `exporter`, metrics for /metrics.
+
+    `service_name` (e.g. cqrskit-api) names the process in the application map,
+    unless OTEL_SERVICE_NAME does. A second call does nothing: OpenTelemetry's
+    providers are global and can be set only once.
+    """
+    if _shutdown:
+        return
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    from opentelemetry.sdk.resources import Resource
+
+    if exporter not in EXPORTERS:
+        raise ValueError(f"unknown telemetry exporter {exporter!r}; use one of {EXPORTERS}")
+    chosen = choose_exporter(exporter)
+    attributes = {"service.instance.id": f"{socket.gethostname()}-{os.getpid()}"}
+    if not os.environ.get("OTEL_SERVICE_NAME"):
+        attributes["service.name"] = service_name
+    resource = Resource.create(attributes)
+    prometheus = PrometheusMetricReader()
+    if chosen == "azure":
+        _configure_azure(resource, prometheus)
+    else:
+        _configure_sdk(chosen, resource, prometheus)
+    log.info("telemetry: %s exporter, service %s", chosen,
+             resource.attributes.get("service.name"))
+
+
+def _configure_sdk(chosen: str, resource: Any, prometheus: Any) -> None:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+
+    readers: list[MetricReader] = [prometheus]
+    span_exporter: SpanExporter | None = None
+    if chosen == "otlp":
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        span_exporter = OTLPSpanExporter()
+        readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
+    elif chosen == "console":
+        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+        span_exporter = ConsoleSpanExporter()
+    meter_provider = MeterProvider(metric_readers=readers, resource=resource)
+    metrics.set_meter_provider(meter_provider)
+    _shutdown.append(meter_provider.shutdown)
+    if span_exporter is None:
+        return  # no tracing SDK at all: spans stay no-ops and cost nothing
+    tracer_provider = trace.get_tracer_provider()
+    if not isinstance(tracer_provider, TracerProvider):
+        tracer_provider = TracerProvider(resource=resource)
+        trace.set_tracer_provider(tracer_provider)
+        _shutdown.append(tracer_provider.shutdown)
+    tracer_provider.add_span_processor(BatchSpanProcessor(span_exporter))
+
+
+def _configure_azure(resource: Any, prometheus: Any) -> None:
+    try:
+        from azure.monitor.opentelemetry import configure_azure_monitor
+    except ImportError:
+        raise RuntimeError(
+            "APPLICATIONINSIGHTS_CONNECTION_STRING is set but Azure Monitor support is not "
+            "installed: pip install 'cqrskit[azure]'"
+        ) from None
+    configure_azure_monitor(
+        resource=resource,
+        metric_readers=[prometheus],
+        # cqrskit instruments its own FastAPI app; live metrics would open a
+        # connection of their own that nothing here needs.
+        instrumentation_options={"fastapi": {"enabled": False}},
+        enable_live_metrics=False,
+    )
+
+    def shutdown() -> None:
+        for provider in (trace.get_tracer_provider(), metrics.get_meter_provider()):
+            stop = getattr(provider, "shutdown", None)
+            if stop is not None:
+                stop()
+
+    _shutdown.append(shutdown)
+
+
+def shutdown() -> None:
+    """Flush what is buffered and stop the exporters (at process exit)."""
+    while _shutdown:
+        try:
+            _shutdown.pop()()
+        except Exception:
+            log.exception("telemetry did not shut down cleanly")
+
+
+class TraceIds(logging.Filter):
+    """Put the current trace and span ids on every log record.
+
+    A filter on the handler rather than opentelemetry-instrumentation-logging,
+    which replaces the process's log record factory for the same two fields.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        context = trace.get_current_span().get_span_context()
+        record.trace_id = format(context.trace_id, "032x") if context.is_valid else "-"
+        record.span_id = format(context.span_id, "016x") if context.is_valid else "-"
+        return True

@@ -1,0 +1,83 @@
+"""Telemetry logic: exporter choice, outcomes, trace context in event metadata."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import get_current_span
+
+from cqrskit import telemetry
+from cqrskit.errors import CommandRejected, ConcurrencyConflict, NotFound
+
+
+def test_auto_picks_the_exporter_from_the_standard_variables() -> None:
+    assert telemetry.choose_exporter("auto", {}) == "none"
+    assert telemetry.choose_exporter("auto", {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://x"}) == "otlp"
+    both = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://x",
+            "APPLICATIONINSIGHTS_CONNECTION_STRING": "InstrumentationKey=k"}
+    assert telemetry.choose_exporter("auto", both) == "azure"
+    assert telemetry.choose_exporter("console", both) == "console"
+
+
+def test_outcomes_name_the_refusal() -> None:
+    assert telemetry.outcome_of(NotFound("x")) == "not_found"
+    assert telemetry.outcome_of(CommandRejected("x")) == "command_rejected"
+    assert telemetry.outcome_of(ConcurrencyConflict("s", 1, 2)) == "concurrency_conflict"
+    assert telemetry.outcome_of(RuntimeError("x")) == "error"
+
+
+def test_trace_context_round_trips_through_event_metadata() -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    with tracer.start_as_current_span("request") as request:
+        metadata = {"command_id": "c1", **telemetry.trace_headers()}
+    assert metadata["traceparent"].startswith("00-")
+    with tracer.start_as_current_span("project", context=telemetry.context_of(metadata)):
+        child = get_current_span().get_span_context()
+    assert child.trace_id == request.get_span_context().trace_id
+    _, project = exporter.get_finished_spans()
+    assert project.parent is not None
+    assert project.parent.span_id == request.get_span_context().span_id
+
+
+def test_metadata_without_a_trace_gives_an_empty_context() -> None:
+    assert not get_current_span(telemetry.context_of({"command_id": "c1"})).is_recording()
+
+
+def test_unknown_exporter_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown telemetry exporter"):
+        telemetry.configure("zipkin", "cqrskit-test")
+
+
+def test_azure_monitor_starts_and_stops_without_network(tmp_path: object) -> None:
+    """A dummy connection string: configure, record a span, shut down; no error, no hang."""
+    script = textwrap.dedent("""
+        import logging, sys
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+        from cqrskit import telemetry
+        telemetry.configure("auto", "cqrskit-test")
+        with telemetry.tracer.start_as_current_span("probe"):
+            telemetry.commands.add(1, {"command": "probe", "outcome": "ok"})
+        telemetry.shutdown()
+        print("clean")
+    """)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "APPLICATIONINSIGHTS_CONNECTION_STRING": (
+            "InstrumentationKey=00000000-0000-0000-0000-000000000000;"
+            "IngestionEndpoint=http://127.0.0.1:9/;LiveEndpoint=http://127.0.0.1:9/"
+        ),
+        "APPLICATIONINSIGHTS_STATSBEAT_DISABLED_ALL": "true",
+        "TMPDIR": str(tmp_path),
+    }
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "clean"
+    assert "Traceback" not in done.stderr, done.stderr
