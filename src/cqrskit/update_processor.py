@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from cqrskit.checkpoints import Checkpoints
-from cqrskit.errors import NotFound
+from cqrskit.errors import NotFound, Unavailable
 from cqrskit.messages import Envelope
 from cqrskit.ports import DeadLetter, Stream, UnitOfWork, ViewStore
 from cqrskit.registry import Projection, Registry
@@ -275,15 +275,19 @@ class UpdateProcessor:
                 await runner.follow(self.stream, self.partitions)
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as error:
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():
                     # Asked to stop, but a library turned the cancellation into an
                     # error (nats-py can, inside its own wait_for): stop all the same.
                     return
-                log.exception(
-                    "projection %s (partition %d) stopped at position %d; restarting in %.1fs",
-                    runner.name, runner.partition, runner.position, self.restart_seconds,
+                # A store or the broker out of reach is expected now and then: one
+                # line each time; anything else is unexpected and gets a traceback.
+                log.error(
+                    "projection %s (partition %d) stopped at position %d (%s); "
+                    "restarting in %.1fs", runner.name, runner.partition, runner.position,
+                    describe(error), self.restart_seconds,
+                    exc_info=not isinstance(error, Unavailable),
                 )
                 await asyncio.sleep(self.restart_seconds)
 
