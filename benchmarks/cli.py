@@ -46,6 +46,8 @@ WORKLOADS: dict[str, Workload] = {
     # Distributed topology: PostgreSQL stores (and NATS JetStream for the lag).
     "append_postgres": _lazy("append_postgres"),
     "lag_distributed": _lazy("lag_distributed"),
+    # Telemetry's cost: commands/s over HTTP with the OTLP exporter on against off.
+    "telemetry": _lazy("telemetry"),
 }
 
 

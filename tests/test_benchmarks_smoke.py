@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # The embedded ones; the distributed ones (PostgreSQL, NATS) have a test of their own.
-WORKLOADS = ("append", "rebuild", "lag")
+WORKLOADS = ("append", "rebuild", "lag", "telemetry")
 
 
 def test_every_workload_runs_at_tiny_size(tmp_path: Path) -> None:
@@ -58,6 +58,7 @@ def test_every_workload_runs_at_tiny_size(tmp_path: Path) -> None:
     assert "records · rebuild" in rates
     assert "statistics · rebuild" in rates
     assert any("p99" in r["case"] for r in results if r["workload"] == "lag")
+    assert "HTTP insert · 8 clients · OTLP exporter" in rates
 
 
 def test_distributed_workloads_run_at_tiny_size(

@@ -10,6 +10,7 @@ import contextlib
 import importlib
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from cqrskit.checkpoints import Checkpoints
 from cqrskit.command_handler import CommandHandler
@@ -20,6 +21,8 @@ from cqrskit.ports import EventStore, RelayState, Stream, ViewStore
 from cqrskit.query_handler import QueryHandler
 from cqrskit.registry import Domain, Registry
 from cqrskit.relay import Relay
+from cqrskit.status import StatusSampler, read_status
+from cqrskit.telemetry import publish_status
 from cqrskit.update_processor import RetryPolicy, UpdateProcessor
 
 log = logging.getLogger(__name__)
@@ -152,17 +155,26 @@ class Runtime:
     processor: UpdateProcessor | None = None
     relay: Relay | None = None
     leases: PartitionLeases | None = None
-    _relay_task: asyncio.Task[None] | None = None
-    _leases_task: asyncio.Task[None] | None = None
+    status: StatusSampler | None = None
+    _tasks: tuple[asyncio.Task[None], ...] = ()
 
     def start(self) -> None:
-        """Start what this process's role runs in the background: processor, leases, relay."""
+        """Start what this process's role runs in the background: processor, leases, relay,
+        and the status reads behind the dashboard and the lag metrics."""
         if self.role == "serve" and self.processor is not None:
             self.processor.start()
-        if self.leases is not None:
-            self._leases_task = asyncio.create_task(self.leases.run(), name="leases")
-        if self.relay is not None:
-            self._relay_task = asyncio.create_task(self.relay.run(), name="relay")
+        runs = {"leases": self.leases, "relay": self.relay, "status": self.status}
+        self._tasks = tuple(
+            asyncio.create_task(part.run(), name=name)
+            for name, part in runs.items() if part is not None
+        )
+
+    async def read_status(self) -> dict[str, Any]:
+        """The pipeline status from the stores, also handed to the lag gauges."""
+        assert self.store is not None and self.views is not None and self.stream is not None
+        status = await read_status(self.registry, self.store, self.views, self.stream.partitions)
+        publish_status(status)
+        return status.to_dict()
 
     def describe(self) -> str:
         """What this process opened, for a log line."""
@@ -174,11 +186,10 @@ class Runtime:
         return ", ".join(filter(None, opened)) or "no stores"
 
     async def close(self) -> None:
-        for task in (self._relay_task, self._leases_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         if self.leases is not None:
             # Stop the runners, then hand the partitions over without waiting for the ttl.
             try:
@@ -234,6 +245,7 @@ def _build_parts(runtime: Runtime, parts: frozenset[str]) -> None:
             registry, views, store, runtime.checkpoints,
             consistency_timeout=settings.consistency_timeout,
         )
+        runtime.status = StatusSampler(runtime.read_status, settings.status_interval)
     if "processor" in parts:
         assert views is not None and stream is not None
         runtime.processor = UpdateProcessor(

@@ -39,13 +39,32 @@ def _settings(data_dir: Path | None, **overrides: Any) -> Settings:
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    """Log lines carry the trace and span ids, to find a line's trace and back."""
+    from cqrskit.telemetry import TraceIds
+
+    handler = logging.StreamHandler()
+    handler.addFilter(TraceIds())
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s [trace %(trace_id)s span %(span_id)s]: %(message)s"
+    ))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
     # httpx logs every request at INFO: one line per forwarded command is noise.
     if logging.getLogger().level > logging.DEBUG:
         logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def _setup(settings: Settings, role: str) -> None:
+    """Logging, and telemetry for a process of `role` (named cqrskit-<role>)."""
+    import atexit
+
+    from cqrskit import telemetry
+
+    _setup_logging(settings.log_level)
+    try:
+        telemetry.configure(settings.telemetry, f"cqrskit-{role}")
+    except RuntimeError as error:
+        raise click.ClickException(str(error)) from None
+    atexit.register(telemetry.shutdown)
 
 
 def _run(coroutine: Awaitable[T]) -> T:
@@ -121,7 +140,7 @@ def serve(host: str | None, port: int | None, data_dir: Path | None) -> None:
     from cqrskit.api.app import create_app
 
     settings = _settings(data_dir, host=host, port=port)
-    _setup_logging(settings.log_level)
+    _setup(settings, "serve")
     try:
         app = create_app(settings)
     except CqrskitError as error:
@@ -140,10 +159,10 @@ def serve(host: str | None, port: int | None, data_dir: Path | None) -> None:
 # ------------------------------------------------------------ separate roles
 
 
-def _role_settings() -> Settings:
+def _role_settings(role: str) -> Settings:
     """A separate role is configured only by environment (CQRSKIT_*)."""
     settings = Settings()
-    _setup_logging(settings.log_level)
+    _setup(settings, role)
     return settings
 
 
@@ -154,6 +173,10 @@ async def _run_until_signal(settings: Settings, role: str) -> None:
     from cqrskit.bootstrap import open_runtime
 
     runtime = await open_runtime(settings, role=role)
+    if settings.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.metrics_port, addr=settings.host)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -182,13 +205,13 @@ def update_processor() -> None:
     partitions fairly through leases, and take over those of a process that
     stops (at once when it stops cleanly, after CQRSKIT_LEASE_TTL when it dies).
     """
-    _run(_run_until_signal(_role_settings(), "update-processor"))
+    _run(_run_until_signal(_role_settings("update-processor"), "update-processor"))
 
 
 @main.command("relay", epilog=ENVIRONMENT_HELP)
 def relay() -> None:
     """Publish the event log to the broker, one leader at a time, until SIGTERM or SIGINT."""
-    _run(_run_until_signal(_role_settings(), "relay"))
+    _run(_run_until_signal(_role_settings("relay"), "relay"))
 
 
 def _serve_http(role: str, host: str | None, port: int | None) -> None:
@@ -198,7 +221,7 @@ def _serve_http(role: str, host: str | None, port: int | None) -> None:
     from cqrskit.api.app import create_app
 
     settings = _settings(None, host=host, port=port)
-    _setup_logging(settings.log_level)
+    _setup(settings, role)
     try:
         app = create_app(settings, role=role)
     except CqrskitError as error:
@@ -492,6 +515,42 @@ async def projections_rebuild(runtime: Any, name: str) -> None:
             progress=lambda p: progress.update(task, completed=min(p, until)),
         )
     console.print(f"{name}: rebuilt up to position {position}")
+
+
+@main.command("status")
+@click.option("--watch", type=click.FloatRange(min=0.2), default=None, metavar="SECONDS",
+              help="Redraw every SECONDS until Ctrl-C.")
+@data_dir_option
+@with_runtime
+async def status(runtime: Any, watch: float | None) -> None:
+    """How far the views lag behind the log, per projection and partition; dead letters.
+
+    The same figures as the dashboard at / and the lag metrics at /metrics.
+    """
+    from rich.live import Live
+
+    if watch is None:
+        console.print(_status_table(await runtime.read_status()))
+        return
+    with Live(console=console, auto_refresh=False) as live:
+        while True:
+            live.update(_status_table(await runtime.read_status()), refresh=True)
+            await asyncio.sleep(watch)
+
+
+def _status_table(status: dict[str, Any]) -> Table:
+    parked = sum(status["dead_letters"].values())
+    table = Table(
+        "projection", "partition", "checkpoint", "events behind", "seconds behind", "owner",
+        title=f"log at position {status['last_position']}; {parked} dead letters",
+    )
+    for lag in status["lags"]:
+        table.add_row(
+            lag["projection"], str(lag["partition"]), str(lag["checkpoint"]),
+            ("" if lag["exact"] else "~") + str(lag["events"]), f"{lag['seconds']:.1f}",
+            status["leases"].get(str(lag["partition"]), "-"),
+        )
+    return table
 
 
 @main.command("leases")

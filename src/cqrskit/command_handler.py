@@ -15,6 +15,14 @@ from cqrskit.errors import CommandRejected, ConcurrencyConflict, IdempotencyKeyR
 from cqrskit.messages import Command, CommandResult, Event, NewEvent, new_id
 from cqrskit.ports import AppendRequest, EventStore
 from cqrskit.registry import Registry
+from cqrskit.telemetry import (
+    command_duration,
+    commands,
+    events_appended,
+    operation,
+    trace_headers,
+    tracer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +91,16 @@ class CommandHandler:
 
         A `command_id` seen before returns the first result and stores nothing.
         """
+        with operation(f"command {command.name}", commands, command_duration,
+                       {"command": command.name}) as span:
+            result = await self._handle(command, command_id, metadata)
+            span.set_attributes({"cqrskit.stream_id": result.stream_id,
+                                 "cqrskit.position": result.position})
+            return result
+
+    async def _handle(
+        self, command: Command, command_id: str | None, metadata: dict[str, Any] | None
+    ) -> CommandResult:
         aggregate_type = self._aggregates.get(type(command))
         if aggregate_type is None:
             raise CommandRejected(f"no aggregate handles {type(command).__name__}")
@@ -96,11 +114,14 @@ class CommandHandler:
         else:
             # A fresh id cannot come back with another command: no digest needed.
             command_id, digest = new_id(), ""
+        # The events carry this command's span as their parent: the update
+        # processors, in any process, continue the trace from there.
         metadata = {
             "command_id": command_id,
             "correlation_id": command_id,
             "causation_id": command_id,
             **(metadata or {}),
+            **trace_headers(),
         }
         stream_id = command.target_id()
         new_stream = stream_id is None
@@ -132,7 +153,10 @@ class CommandHandler:
                 command_hash=digest,
             )
             try:
-                result = await self.store.append(request)
+                with tracer.start_as_current_span("append", attributes={
+                    "cqrskit.stream_id": stream_id, "cqrskit.events": len(events),
+                }):
+                    result = await self.store.append(request)
             except ConcurrencyConflict:
                 self.cache.evict(stream_id)
                 if expected is not None or attempt == MAX_ATTEMPTS:
@@ -146,6 +170,7 @@ class CommandHandler:
                 # A concurrent duplicate stored first: our decision was not stored.
                 self.cache.evict(stream_id)
             else:
+                events_appended.add(len(events), {"stream_type": aggregate.stream_type})
                 for event in events:
                     aggregate.evolve(event)
                 self.cache.put(aggregate)

@@ -78,6 +78,22 @@ class Settings(BaseSettings):
         "(keep it above the query handler's CQRSKIT_CONSISTENCY_TIMEOUT)",
     )
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR")
+    telemetry: str = Field(
+        default="auto", pattern="^(auto|none|console|otlp|azure)$",
+        description="trace and metric exporter: auto = azure when "
+        "APPLICATIONINSIGHTS_CONNECTION_STRING is set, otlp when OTEL_EXPORTER_OTLP_ENDPOINT is, "
+        "else none; console prints spans",
+    )
+    metrics_port: int | None = Field(
+        default=None, ge=0, le=65535,
+        description="serve /metrics on this port in a role without HTTP (update-processor, "
+        "relay)",
+    )
+    status_interval: float = Field(
+        default=1.0, gt=0, le=60,
+        description="seconds between reads of the pipeline status (lag, dead letters) for the "
+        "dashboard and the lag metrics",
+    )
 
     @property
     def command_db_url(self) -> str:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from cqrskit.errors import Unavailable
 from cqrskit.messages import Envelope
 from cqrskit.ports import EventStore, RelayState, Stream
+from cqrskit.telemetry import batch_span, events_published
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,9 @@ class Relay:
         if not batch:
             await self.store.wait_for_append(self.position, self.idle_wait)
             return self.position
-        await self._publish(batch)
+        with batch_span("relay publish", batch, {}):
+            await self._publish(batch)
+        events_published.add(len(batch))
         await self.state.save(batch[-1].position)
         self.position = batch[-1].position
         return self.position

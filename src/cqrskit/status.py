@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 # Events read past the oldest checkpoint to count the lag exactly; further
 # behind than this, the count is estimated from the log's last position.
-WINDOW = 5000
+WINDOW = 2000
 
 
 @dataclass(frozen=True, slots=True)

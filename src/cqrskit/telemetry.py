@@ -17,16 +17,18 @@ import os
 import re
 import socket
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 from opentelemetry import metrics, propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.metrics import CallbackOptions, Counter, Histogram, Observation
-from opentelemetry.trace import Span, StatusCode
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import Link, Span, StatusCode
 
 from cqrskit.errors import CqrskitError
+from cqrskit.messages import Envelope
 from cqrskit.status import Status
 
 log = logging.getLogger(__name__)
@@ -113,6 +115,35 @@ def context_of(metadata: Mapping[str, Any]) -> Context:
     return propagate.extract({k: v for k, v in metadata.items() if isinstance(v, str)})
 
 
+def tracing() -> bool:
+    """Whether spans are recorded at all; without the SDK, skip the work of making them."""
+    return isinstance(trace.get_tracer_provider(), TracerProvider)
+
+
+MAX_LINKS = 32
+
+
+def batch_span(
+    name: str, envelopes: Sequence[Envelope], attributes: dict[str, Any]
+) -> AbstractContextManager[Any]:
+    """A span for work on a batch of events, in the trace of the batch's first event
+    and linked to the traces of the next few (spans have one parent, but many links)."""
+    if not tracing() or not envelopes:
+        return nullcontext()
+    contexts = [context_of(e.metadata) for e in envelopes[: MAX_LINKS + 1]]
+    links = [
+        Link(span.get_span_context())
+        for span in (trace.get_current_span(c) for c in contexts[1:])
+        if span.get_span_context().is_valid
+    ]
+    attributes = {**attributes, "cqrskit.events": len(envelopes),
+                  "cqrskit.first_position": envelopes[0].position,
+                  "cqrskit.last_position": envelopes[-1].position}
+    return tracer.start_as_current_span(
+        name, context=contexts[0], links=links, attributes=attributes
+    )
+
+
 # ------------------------------------------------------- lag, from status snapshots
 
 _latest: list[Status] = []
@@ -192,13 +223,12 @@ def configure(exporter: str, service_name: str) -> None:
     unless OTEL_SERVICE_NAME does. A second call does nothing: OpenTelemetry's
     providers are global and can be set only once.
     """
+    if exporter not in EXPORTERS:
+        raise ValueError(f"unknown telemetry exporter {exporter!r}; use one of {EXPORTERS}")
     if _shutdown:
         return
     from opentelemetry.exporter.prometheus import PrometheusMetricReader
     from opentelemetry.sdk.resources import Resource
-
-    if exporter not in EXPORTERS:
-        raise ValueError(f"unknown telemetry exporter {exporter!r}; use one of {EXPORTERS}")
     chosen = choose_exporter(exporter)
     attributes = {"service.instance.id": f"{socket.gethostname()}-{os.getpid()}"}
     if not os.environ.get("OTEL_SERVICE_NAME"):

@@ -22,6 +22,7 @@ from cqrskit.errors import NotFound, Unavailable
 from cqrskit.messages import Envelope
 from cqrskit.ports import DeadLetter, Stream, UnitOfWork, ViewStore
 from cqrskit.registry import Projection, Registry
+from cqrskit.telemetry import batch_span, events_projected
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,10 @@ class ProjectionRunner:
 
     async def _commit(self, batch: Sequence[Envelope]) -> None:
         after = self.position
-        position = await self.views.run(lambda uow: self._apply(uow, batch, after))
+        attributes = {"cqrskit.projection": self.name, "cqrskit.partition": self.partition}
+        with batch_span(f"update views {self.name}", batch, attributes):
+            position = await self.views.run(lambda uow: self._apply(uow, batch, after))
+        events_projected.add(len(batch), {"projection": self.name})
         self._advanced(position)
 
     def _advanced(self, position: int) -> None:

@@ -228,7 +228,9 @@ CASES = [
                  id="route-command"),
     pytest.param(Case("GET", "/api/records/query/get", 404, "not_found", ("no route",),
                       params={"id": "a"}), id="route-domain"),
-    pytest.param(Case("GET", "/", 404, "not_found", ("no route GET /",)), id="route-root"),
+    pytest.param(Case("GET", "/api", 404, "not_found", ("no route GET /api",)), id="route-api"),
+    pytest.param(Case("GET", "/dashboard/missing.js", 404, "not_found", ()),
+                 id="route-dashboard-asset"),
     # --- wrong method: 405
     pytest.param(Case("GET", INSERT, 405, "method_not_allowed",
                       ("GET is not allowed on /api/command/insert",)), id="method-get-command"),

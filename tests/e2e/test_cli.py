@@ -22,7 +22,7 @@ SUBCOMMANDS = [
     ("serve",), ("projections",), ("projections", "list"), ("projections", "rebuild"),
     ("dead-letters",), ("dead-letters", "list"), ("dead-letters", "retry"),
     ("dead-letters", "skip"), ("api",), ("command-handler",), ("query-handler",),
-    ("update-processor",), ("relay",), ("leases",), ("up",),
+    ("update-processor",), ("relay",), ("leases",), ("up",), ("status",),
 ]
 
 
@@ -223,6 +223,16 @@ def test_projections_list_shows_how_far_behind_a_projection_is(servers: ServerPo
     table = _projections_table(server.cli("projections", "list").stdout)
     assert table["records"] == ["0", str(last - 7), "7", "records"]
     assert table["statistics"][1:3] == [str(last), "0"]
+
+    # `status` counts the events behind exactly, and dates the oldest of them.
+    status = server.cli("status")
+    assert status.returncode == 0, status.stderr
+    assert f"log at position {last}; 0 dead letters" in status.stdout
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
+            for line in status.stdout.splitlines() if line.count("│") == 7}
+    assert rows["records"][:3] == ["0", str(last - 7), "7"]
+    assert float(rows["records"][3]) > 0
+    assert rows["statistics"][:4] == ["0", str(last), "0", "0.0"]
 
 
 def test_rebuild_while_the_server_runs(servers: ServerPool) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 
 import orjson
 import pytest
+from nats.js.errors import NotFoundError
 
 from cqrskit.messages import Envelope
 from integration.nats_helpers import NATS_BINARY, PrivateNatsServer
@@ -82,7 +83,10 @@ def _in_flight(topology: Topology) -> dict[str, tuple[int, int]]:
         for projection in PROJECTIONS:
             for partition in range(PARTITIONS):
                 name = f"{projection}-{partition}"
-                info = await js.consumer_info(topology.stream, name)
+                try:
+                    info = await js.consumer_info(topology.stream, name)
+                except NotFoundError:
+                    continue  # killed before this runner made its consumer
                 seq = info.delivered.stream_seq
                 if not seq:
                     continue

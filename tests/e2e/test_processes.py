@@ -14,30 +14,13 @@ import os
 import re
 import signal
 from collections import Counter
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 from .harness import run_cli, wait_until
-from .topology import NATS_HOST, NATS_PORT, PARTITIONS, Topology
-
-
-@pytest.fixture
-def topology(
-    postgres_dsn: str, postgres_schemas: Callable[..., str], require_service: Any,
-    tmp_path: Path,
-) -> Iterator[Topology]:
-    """Processes in a schema and NATS stream of their own; stopped, then both dropped."""
-    pytest.importorskip("nats", reason="install the nats extra: pip install -e '.[dev]'")
-    require_service("NATS JetStream", NATS_HOST, NATS_PORT, start="nats-server -js")
-    topo = Topology(postgres_dsn, postgres_schemas(), tmp_path)
-    try:
-        yield topo
-    finally:
-        topo.close()
+from .topology import PARTITIONS, Topology
 
 
 def test_up_refuses_sqlite_with_the_embedded_stream(tmp_path: Path) -> None:
@@ -102,6 +85,16 @@ def test_up_distributed_runs_every_role_and_stops_them(topology: Topology, stop:
         # The API forwards to the handler services and opens no store itself.
         assert client.get("/readyz").json()["checks"] == {
             "command_handler": "ok", "query_handler": "ok"}
+        # Its dashboard's status comes from the query handler: every partition, its owner.
+        status = wait_until(
+            lambda: (lambda r: r.json() if r.status_code == 200 and r.json()["last_position"]
+                     and len(r.json()["leases"]) == PARTITIONS else None)(
+                client.get("/api/status")),
+            timeout=10, interval=0.2, what="the pipeline status through the API",
+        )
+        assert status["partitions"] == PARTITIONS
+        assert {lag["partition"] for lag in status["lags"]} == set(range(PARTITIONS))
+        assert set(status["leases"].values()) == set(leases.values())
     # Each handler service answers on its own port, with only its own routes.
     with httpx.Client(base_url=urls["command-handler"], timeout=10) as commands:
         assert commands.get("/readyz").json()["checks"] == {"command_db": "ok"}

@@ -22,6 +22,7 @@ from typing import TypeVar
 from fastapi import FastAPI
 
 from cqrskit.api import errors
+from cqrskit.api.dashboard import dashboard_router
 from cqrskit.api.forwarding import Forwarder, open_client
 from cqrskit.api.operations import (
     command_status_router,
@@ -36,6 +37,7 @@ from cqrskit.config import Settings
 from cqrskit.errors import CqrskitError, Unavailable
 from cqrskit.ports import ViewStore
 from cqrskit.registry import Registry
+from cqrskit.status import StatusSampler
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -44,6 +46,9 @@ T = TypeVar("T")
 COMMAND_ROUTES = ("serve", "api", "command-handler")
 QUERY_ROUTES = ("serve", "api", "query-handler")
 DEAD_LETTER_ROUTES = ("serve", "api")
+DASHBOARD = ("serve", "api", "query-handler")
+# Probes, scrapes and the dashboard's own status stream are not traced.
+UNTRACED = "healthz,readyz,metrics,api/status,dashboard"
 
 
 def _running(service: T | None) -> T:
@@ -69,6 +74,9 @@ class Services:
 
     def views(self) -> ViewStore:
         return _running(self.runtime.views if self.runtime else None)
+
+    def status(self) -> StatusSampler:
+        return _running(self.runtime.status if self.runtime else None)
 
     async def readiness(self) -> dict[str, str]:
         """Every store this process opened, and every handler service it forwards to."""
@@ -140,7 +148,25 @@ def create_app(
             app.include_router(dead_letters_router(registry, services.views))
         else:
             app.include_router(dead_letters_elsewhere_router())
+    if role in DASHBOARD:
+        app.include_router(dashboard_router(services.status))
+    _instrument(app)
     return app
+
+
+def _instrument(app: FastAPI) -> None:
+    """A span and request metrics per HTTP request, through the global providers.
+
+    The providers are looked up when a request comes, so `telemetry.configure`
+    (or a test's own provider) may be installed after the app is built.
+    """
+    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+    # One span per request: the ASGI send/receive spans say nothing an operator needs
+    # and would double the spans a command makes.
+    FastAPIInstrumentor.instrument_app(
+        app, excluded_urls=UNTRACED, exclude_spans=["receive", "send"]
+    )
 
 
 def _set_services(
@@ -165,3 +191,5 @@ def _set_services(
         queries = Forwarder(client, settings.query_handler_url, "query handler")
         services.query_service = queries
         services.forwarders.append(queries)
+        # The dashboard's status comes from the query handler, which has the stores.
+        runtime.status = StatusSampler(queries.status, settings.status_interval)

@@ -11,6 +11,7 @@ handler that cannot be reached, or does not answer in time, is a 503 here.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import httpx
 from fastapi import Request, Response
@@ -19,10 +20,12 @@ from cqrskit.api.errors import error_response, is_json
 from cqrskit.errors import Unavailable
 from cqrskit.messages import Command
 from cqrskit.registry import Query
+from cqrskit.telemetry import trace_headers
 
 log = logging.getLogger(__name__)
 
-# Request headers the handler needs: idempotency, correlation, read-your-writes, tracing.
+# Request headers the handler needs: idempotency, correlation, read-your-writes, tracing
+# (the client's trace context, unless this process traces: then its own request span's).
 PASSED_ON = (
     "content-type", "idempotency-key", "x-correlation-id", "x-consistency-token",
     "traceparent", "tracestate",
@@ -71,6 +74,7 @@ class Forwarder:
         if request.url.query:
             target += "?" + request.url.query
         headers = {name: request.headers[name] for name in PASSED_ON if name in request.headers}
+        headers.update(trace_headers())
         body = await request.body() if request.method == "POST" else None
         try:
             answer = await self.client.request(
@@ -106,6 +110,13 @@ class Forwarder:
             f"the {self.name} at {self.url} answered {answer.status_code} with {kind}, "
             "not JSON; is that URL a cqrskit handler service?",
         )
+
+    async def status(self) -> dict[str, Any]:
+        """The pipeline status the query handler service reads from its stores."""
+        answer = await self.client.get(self.url + "/api/status", headers=trace_headers())
+        answer.raise_for_status()
+        status: dict[str, Any] = answer.json()
+        return status
 
     async def check(self) -> str:
         """'ok' when the handler service says it is ready, else why not."""

@@ -35,6 +35,13 @@ def health_router(readiness: Readiness) -> APIRouter:
             status_code=200 if ready else 503,
         )
 
+    @router.get("/metrics", summary="This process's metrics, in Prometheus text format",
+                response_class=Response)
+    async def metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
     return router
 
 

@@ -1,0 +1,64 @@
+"""The live dashboard at `/`, and the pipeline status it shows.
+
+The page is static HTML, CSS and JavaScript shipped in the package (no build
+step, no CDN); it follows `/api/status/stream`, server-sent events carrying the
+same snapshot as `/api/status`.
+"""
+
+from collections.abc import AsyncIterator, Callable
+from importlib import resources
+from typing import Any
+
+import orjson
+from fastapi import APIRouter
+from fastapi.responses import HTMLResponse, Response, StreamingResponse
+
+from cqrskit.errors import NotFound, Unavailable
+from cqrskit.status import StatusSampler
+
+SamplerRef = Callable[[], StatusSampler]
+
+_STATIC = resources.files("cqrskit.api") / "static"
+_ASSETS = {"dashboard.js": "text/javascript", "dashboard.css": "text/css"}
+
+
+def dashboard_router(sampler: SamplerRef) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/", include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse((_STATIC / "dashboard.html").read_text())
+
+    @router.get("/dashboard/{asset}", include_in_schema=False)
+    async def asset(asset: str) -> Response:
+        if asset not in _ASSETS:
+            raise NotFound(f"no dashboard file {asset!r}; the dashboard is at /")
+        return Response((_STATIC / asset).read_bytes(), media_type=_ASSETS[asset])
+
+    @router.get(
+        "/api/status", tags=["operations"],
+        summary="Lag per projection and partition, dead letters, leases, recent events",
+    )
+    async def status() -> dict[str, Any]:
+        latest = sampler().latest
+        if latest is None:
+            raise Unavailable("the pipeline status has not been read yet; retry in a second")
+        return latest
+
+    @router.get(
+        "/api/status/stream", tags=["operations"],
+        summary="The same status as server-sent events, one each time it is read",
+        response_class=StreamingResponse,
+    )
+    async def status_stream() -> StreamingResponse:
+        updates = sampler().updates()
+
+        async def events() -> AsyncIterator[bytes]:
+            async for snapshot in updates:
+                yield b"data: " + orjson.dumps(snapshot) + b"\n\n"
+
+        # no-transform/X-Accel-Buffering: proxies must pass each event on at once.
+        headers = {"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "no"}
+        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+    return router

@@ -1,0 +1,139 @@
+"""One trace across the processes of `cqrskit up --distributed`, received over OTLP.
+
+Every role exports its spans with the OTLP/HTTP exporter to a receiver in this
+test, which decodes them with the OTLP protobuf definitions. A command sent with
+the client's own `traceparent` must show up in that one trace in every process
+it passes: the API, the command handler, the relay and an update processor.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+
+from .harness import wait_until
+from .topology import Topology
+
+pytestmark = pytest.mark.e2e
+
+
+@dataclass(frozen=True)
+class ReceivedSpan:
+    service: str
+    name: str
+    trace_id: str
+    span_id: str
+    parent_span_id: str
+
+
+class OtlpReceiver:
+    """Accepts OTLP/HTTP protobuf exports on a free port and keeps the spans."""
+
+    def __init__(self) -> None:
+        self.spans: list[ReceivedSpan] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.path == "/v1/traces":
+                    receiver.take(body)
+                    answer = ExportTraceServiceResponse().SerializeToString()
+                else:
+                    answer = b""  # metrics and logs: accepted, not kept
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.lock = threading.Lock()
+
+    def take(self, body: bytes) -> None:
+        request = ExportTraceServiceRequest.FromString(body)
+        received = []
+        for resource_spans in request.resource_spans:
+            attributes = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
+            for scope_spans in resource_spans.scope_spans:
+                received += [
+                    ReceivedSpan(attributes.get("service.name", "?"), s.name, s.trace_id.hex(),
+                                 s.span_id.hex(), s.parent_span_id.hex())
+                    for s in scope_spans.spans
+                ]
+        with self.lock:
+            self.spans += received
+
+    def of_trace(self, trace_id: str) -> list[ReceivedSpan]:
+        with self.lock:
+            return [s for s in self.spans if s.trace_id == trace_id]
+
+
+@pytest.fixture
+def receiver() -> Iterator[OtlpReceiver]:
+    otlp = OtlpReceiver()
+    otlp.thread.start()
+    try:
+        yield otlp
+    finally:
+        otlp.server.shutdown()
+        otlp.server.server_close()
+
+
+def test_a_command_is_one_trace_across_every_process(
+    topology: Topology, receiver: OtlpReceiver
+) -> None:
+    topology.env.update({
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
+        "OTEL_BSP_SCHEDULE_DELAY": "100",  # export spans within 0.1 s, not 5 s
+        "OTEL_METRIC_EXPORT_INTERVAL": "60000",
+    })
+    topology.start("up", "--distributed", "--port", str(topology.port))
+    topology.wait_ready()
+    trace_id = os.urandom(16).hex()
+    with topology.client() as client:
+        answer = client.post(
+            "/api/command/insert", json={"id": "traced-1", "data": {"n": 1}},
+            headers={"traceparent": f"00-{trace_id}-{os.urandom(8).hex()}-01"},
+        )
+        assert answer.status_code == 202, answer.text
+
+    wanted = {
+        ("cqrskit-api", "POST /api/command/insert"),
+        ("cqrskit-command-handler", "command insert"),
+        ("cqrskit-relay", "relay publish"),
+        ("cqrskit-update-processor", "update views records"),
+        ("cqrskit-update-processor", "update views statistics"),
+    }
+
+    def complete() -> list[ReceivedSpan] | None:
+        spans = receiver.of_trace(trace_id)
+        return spans if wanted <= {(s.service, s.name) for s in spans} else None
+
+    with topology.explained():
+        spans = wait_until(complete, timeout=30, interval=0.2,
+                           what=f"spans of every role in trace {trace_id}")
+    by_id = {s.span_id: s for s in spans}
+    command = next(s for s in spans if s.name == "command insert")
+    # The command handler's request span continued the API's, received over HTTP.
+    handler_request = by_id[command.parent_span_id]
+    assert handler_request.service == "cqrskit-command-handler"
+    assert by_id[handler_request.parent_span_id].service == "cqrskit-api"
+    # The projections continued the command's span, received through the event's metadata.
+    projected = [s for s in spans if s.name.startswith("update views ")]
+    assert {s.name for s in projected} == {"update views records", "update views statistics"}
+    assert {s.parent_span_id for s in projected} == {command.span_id}

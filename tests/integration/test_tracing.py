@@ -1,0 +1,179 @@
+"""One trace from the HTTP request to the view update, in the embedded runtime, and
+/metrics that move with the commands and the lag (real HTTP over a socket).
+
+The tracer provider is OpenTelemetry's global one, which a process can set only
+once: the `spans` fixture installs it with an in-memory exporter for the session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from live_server import LiveServer
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client.parser import text_string_to_metric_families
+
+from cqrskit import telemetry
+from cqrskit.api.app import create_app
+from cqrskit.bootstrap import open_runtime
+from cqrskit.config import Settings
+from cqrskit.domains import records
+from cqrskit.registry import Registry
+
+
+@pytest.fixture(scope="session")
+def spans() -> InMemorySpanExporter:
+    exporter = InMemorySpanExporter()
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    telemetry.configure("none", "cqrskit-test")  # the meter provider, for /metrics
+    return exporter
+
+
+def _settings(tmp_path: Path) -> Settings:
+    return Settings(
+        data_dir=tmp_path, stream="embedded", status_interval=0.1, lease_heartbeat=0.2,
+        command_db=f"sqlite:///{tmp_path / 'command.db'}",
+        query_db=f"sqlite:///{tmp_path / 'query.db'}",
+    )
+
+
+async def _serve(tmp_path: Path, role: str) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(_settings(tmp_path), Registry([records.domain]), role=role)
+    server = await LiveServer(app).start()
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+            yield client
+    finally:
+        await server.stop()
+
+
+@pytest.fixture
+async def serve(tmp_path: Path, spans: InMemorySpanExporter) -> AsyncIterator[httpx.AsyncClient]:
+    """`cqrskit serve`: everything in one process."""
+    async for client in _serve(tmp_path, "serve"):
+        yield client
+
+
+@pytest.fixture
+async def api(tmp_path: Path, spans: InMemorySpanExporter) -> AsyncIterator[httpx.AsyncClient]:
+    """`cqrskit api` handling commands and queries in process, with no update processor."""
+    async for client in _serve(tmp_path, "api"):
+        yield client
+
+
+async def _until(condition: Callable[[], Any], what: str, timeout: float = 10) -> Any:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not (value := condition()):
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+    return value
+
+
+async def test_one_trace_from_request_to_view_update(
+    serve: httpx.AsyncClient, spans: InMemorySpanExporter
+) -> None:
+    spans.clear()
+    accepted = await serve.post("/api/command/insert", json={"data": {"a": 1}})
+    assert accepted.status_code == 202
+    stream_id = accepted.json()["id"]
+
+    def of_this_command() -> list[ReadableSpan]:
+        found = [s for s in spans.get_finished_spans() if s.name == "command insert"
+                 and s.attributes and s.attributes.get("cqrskit.stream_id") == stream_id]
+        if not found:
+            return []
+        trace_id = found[0].context.trace_id
+        mine = [s for s in spans.get_finished_spans() if s.context.trace_id == trace_id]
+        names = {s.name for s in mine}
+        wanted = {"update views records", "update views statistics"}
+        return mine if wanted <= names else []
+
+    mine = await _until(of_this_command, "the projection spans of the command's trace")
+    by_name = {s.name: s for s in mine}
+    request = next(s for s in mine if s.name.startswith("POST /api/command/insert")
+                   and s.parent is None)
+    command, append = by_name["command insert"], by_name["append"]
+    assert command.parent is not None and append.parent is not None
+    # request -> command -> append; the projections continue from the command's span
+    assert command.parent.span_id == request.context.span_id
+    assert append.parent.span_id == command.context.span_id
+    projected = [s for s in mine if s.name.startswith("update views ")]
+    assert {s.attributes["cqrskit.projection"] for s in projected if s.attributes} == {
+        "records", "statistics"
+    }
+    for span in projected:
+        assert span.parent is not None and span.parent.span_id == command.context.span_id
+        assert span.attributes and span.attributes["cqrskit.partition"] == 0
+
+    # A refusal is an outcome of the command, not a failure of the service.
+    spans.clear()
+    refused = await serve.post("/api/command/update", json={"id": "nobody", "data": {}})
+    assert refused.status_code == 404
+    failed = await _until(lambda: [s for s in spans.get_finished_spans()
+                                   if s.name == "command update"], "the refused command's span")
+    assert failed[0].attributes["cqrskit.outcome"] == "not_found"  # type: ignore[index]
+    assert failed[0].status.is_ok
+
+
+def _samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                labels = tuple(sorted((k, v) for k, v in sample.labels.items()
+                                      if not k.startswith("otel_")))
+                found[labels] = sample.value
+    return found
+
+
+async def test_metrics_move_with_commands_and_lag(api: httpx.AsyncClient, tmp_path: Path) -> None:
+    async def metric(name: str) -> dict[tuple[tuple[str, str], ...], float]:
+        answer = await api.get("/metrics")
+        assert answer.status_code == 200
+        assert answer.headers["content-type"].startswith("text/plain")
+        return _samples(answer.text, name)
+
+    async def until(name: str, test: Callable[[dict[Any, float]], bool], what: str) -> None:
+        deadline = asyncio.get_running_loop().time() + 10
+        while not test(await metric(name)):
+            assert asyncio.get_running_loop().time() < deadline, f"timed out: {what}"
+            await asyncio.sleep(0.05)
+
+    ok = (("command", "insert"), ("outcome", "ok"))
+    before = (await metric("cqrskit_commands_total")).get(ok, 0)
+    for i in range(3):
+        assert (await api.post("/api/command/insert", json={"data": {"i": i}})).status_code == 202
+    assert (await metric("cqrskit_commands_total"))[ok] == before + 3
+    refused = (("command", "update"), ("outcome", "not_found"))
+    await api.post("/api/command/update", json={"id": "nobody", "data": {}})
+    assert (await metric("cqrskit_commands_total"))[refused] >= 1
+    assert sum((await metric("cqrskit_command_duration_seconds_count")).values()) >= 4
+
+    # No update processor runs: the lag builds up to the 3 events, for each projection.
+    lag = (("partition", "0"), ("projection", "records"))
+    await until("cqrskit_projection_lag_events", lambda m: m.get(lag) == 3, "lag of 3")
+    assert (await metric("cqrskit_projection_lag_seconds"))[lag] > 0
+
+    # An update processor starts: the lag drains to 0.
+    processor = await open_runtime(_settings(tmp_path), Registry([records.domain]),
+                                   role="update-processor")
+    processor.start()
+    try:
+        await until("cqrskit_projection_lag_events",
+                    lambda m: len(m) == 2 and not any(m.values()), "lag drained")
+    finally:
+        await processor.close()
+    projected = await metric("cqrskit_events_projected_total")
+    assert projected[(("projection", "records"),)] >= 3
