@@ -13,6 +13,7 @@ import orjson
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
 
+from cqrskit.api.errors import error_responses
 from cqrskit.errors import NotFound, Unavailable
 from cqrskit.status import StatusSampler
 
@@ -38,6 +39,7 @@ def dashboard_router(sampler: SamplerRef) -> APIRouter:
     @router.get(
         "/api/status", tags=["operations"],
         summary="Lag per projection and partition, dead letters, leases, recent events",
+        responses=error_responses(_503="the status has not been read yet; retry in a second"),
     )
     async def status() -> dict[str, Any]:
         latest = sampler().latest

@@ -6,7 +6,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 
-from cqrskit.api.errors import error_response
+from cqrskit.api.errors import error_response, error_responses
 from cqrskit.api.routes import QueriesRef
 from cqrskit.messages import IDENTIFIER_PATTERN
 from cqrskit.ports import ViewStore
@@ -26,7 +26,9 @@ def health_router(readiness: Readiness) -> APIRouter:
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @router.get("/readyz", summary="The stores and handler services this process uses answer")
+    @router.get("/readyz", summary="The stores and handler services this process uses answer",
+                responses={503: {"description": "something this process needs is failing; "
+                                 "`checks` says what"}})
     async def readyz() -> JSONResponse:
         checks = await readiness()
         ready = all(v == "ok" for v in checks.values())
@@ -51,6 +53,8 @@ def command_status_router(queries: QueriesRef) -> APIRouter:
     @router.get(
         "/api/commands/{command_id}", response_model=dict[str, Any],
         summary="Whether a command's events have reached the views",
+        responses=error_responses(_404="no command with this id was accepted",
+                                  _503="a store cannot be reached; retry later"),
     )
     async def command_status(
         request: Request, command_id: Annotated[str, Path(pattern=IDENTIFIER_PATTERN)],
@@ -64,7 +68,8 @@ def dead_letters_router(registry: Registry, views: ViewsRef) -> APIRouter:
     """Dead letters, served by a process that has the query DB open."""
     router = APIRouter(tags=["operations"])
 
-    @router.get("/api/dead-letters", summary="Parked events")
+    @router.get("/api/dead-letters", summary="Parked events", responses=error_responses(
+        _404="no projection of that name", _503="a store cannot be reached; retry later"))
     async def list_dead_letters(
         projection: Annotated[str | None, Query(pattern=r"^[a-z][a-z0-9_]{0,62}$")] = None,
     ) -> dict[str, Any]:
@@ -76,7 +81,11 @@ def dead_letters_router(registry: Registry, views: ViewsRef) -> APIRouter:
     @router.post(
         "/api/dead-letters/{dead_letter_id}/retry",
         summary="Re-apply the parked events of this dead letter's stream, oldest first",
-        responses={409: {"description": "the head event failed again; it stays parked"}},
+        responses=error_responses(
+            _404="no dead letter with this id",
+            _409="the head event failed again; it stays parked",
+            _503="a store cannot be reached; retry later",
+        ),
     )
     async def retry(dead_letter_id: DeadLetterId) -> Response:
         outcome = await retry_dead_letters(registry, views(), dead_letter_id)
@@ -90,6 +99,8 @@ def dead_letters_router(registry: Registry, views: ViewsRef) -> APIRouter:
 
     @router.post(
         "/api/dead-letters/{dead_letter_id}/skip", summary="Drop one parked event for good",
+        responses=error_responses(_404="no dead letter with this id",
+                                  _503="a store cannot be reached; retry later"),
     )
     async def skip(dead_letter_id: DeadLetterId) -> dict[str, Any]:
         dead_letter = await skip_dead_letter(views(), dead_letter_id)
