@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections import OrderedDict
 from dataclasses import replace
@@ -33,7 +34,13 @@ MAX_ATTEMPTS = 5
 
 def command_hash(command: Command) -> str:
     """A digest of what the command asks, to tell a retry from a reused id."""
-    body = orjson.dumps(command.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
+    fields = command.model_dump(mode="json")
+    try:
+        body = orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)
+    except TypeError:
+        # An integer beyond 64 bits in a field a domain left unbounded: the slower
+        # encoder digests it all the same (the domain's own rules judge the value).
+        body = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.blake2b(command.name.encode() + b"\0" + body, digest_size=16).hexdigest()
 
 

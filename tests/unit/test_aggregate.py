@@ -203,3 +203,4 @@ def test_record_update_and_delete_of_a_live_record() -> None:
     assert record.decide(UpdateRecord(id="r-1", data={"a": 2})) == [RecordUpdated(data={"a": 2})]
     assert record.decide(DeleteRecord(id="r-1")) == [RecordDeleted()]
     assert record.version == 1 and not record.deleted
+

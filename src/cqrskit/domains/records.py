@@ -41,7 +41,7 @@ class UpdateRecord(Command):
     name: ClassVar[str] = "update"
     id: Identifier
     data: JsonObject
-    expected_version: int | None = Field(default=None, ge=1)
+    expected_version: int | None = Field(default=None, ge=1, le=2**62)
 
 
 class DeleteRecord(Command):
@@ -49,7 +49,7 @@ class DeleteRecord(Command):
 
     name: ClassVar[str] = "delete"
     id: Identifier
-    expected_version: int | None = Field(default=None, ge=1)
+    expected_version: int | None = Field(default=None, ge=1, le=2**62)
 
 
 # --------------------------------------------------------------------- events
