@@ -41,7 +41,10 @@ def load_domains(spec: str) -> list[Domain]:
     return domains
 
 
-_SUPPORTED_DBS = "sqlite:///path or postgresql://user@host:port/database?schema=name"
+_SUPPORTED_DBS = (
+    "sqlite:///path, postgresql://user@host:port/database?schema=name or "
+    "cosmos://host:port?database=name&key_env=VARIABLE"
+)
 
 
 async def open_event_store(url: str, settings: Settings) -> EventStore:
@@ -53,6 +56,10 @@ async def open_event_store(url: str, settings: Settings) -> EventStore:
         from cqrskit.stores.postgres import PostgresEventStore
 
         return await PostgresEventStore.open(url)
+    if url.startswith("cosmos://"):
+        from cqrskit.stores.cosmos_events import CosmosEventStore
+
+        return await CosmosEventStore.open(url)
     raise CqrskitError(f"unsupported command DB URL {url!r}; use {_SUPPORTED_DBS}")
 
 
@@ -67,6 +74,10 @@ async def open_view_store(url: str, settings: Settings, registry: Registry) -> V
         from cqrskit.stores.postgres import PostgresViewStore
 
         views = await PostgresViewStore.open(url)
+    elif url.startswith("cosmos://"):
+        from cqrskit.stores.cosmos_views import CosmosViewStore
+
+        views = await CosmosViewStore.open(url)
     else:
         raise CqrskitError(f"unsupported query DB URL {url!r}; use {_SUPPORTED_DBS}")
     try:
@@ -89,8 +100,13 @@ def open_stream(spec: str, store: EventStore | None) -> Stream:
         from cqrskit.streams.nats import NatsStream
 
         return NatsStream.from_url(spec)
+    if spec.startswith(("kafka://", "eventhubs://")):
+        from cqrskit.streams.kafka import KafkaStream
+
+        return KafkaStream.from_url(spec)
     raise CqrskitError(
-        f"unsupported stream {spec!r}; use 'embedded' or nats://host:port?partitions=N"
+        f"unsupported stream {spec!r}; use 'embedded', nats://host:port?partitions=N, "
+        "kafka://host:port?partitions=N or eventhubs://<namespace>.servicebus.windows.net"
     )
 
 
@@ -100,6 +116,12 @@ def relay_state(store: EventStore) -> RelayState:
 
     if isinstance(store, SqliteEventStore):
         return SqliteRelayState(store)
+    if type(store).__module__ == "cqrskit.stores.cosmos_events":
+        # Imported only for a Cosmos store: the azure extra may not be installed.
+        from cqrskit.stores.cosmos_events import CosmosEventStore, CosmosRelayState
+
+        assert isinstance(store, CosmosEventStore)
+        return CosmosRelayState(store)
     from cqrskit.stores.postgres import PostgresEventStore, PostgresRelayState
 
     if isinstance(store, PostgresEventStore):
