@@ -13,10 +13,12 @@ processed its consistency token (command DB → relay → NATS → processor →
 
 projection throughput: N InsertRecords are appended with the processor stopped,
 the relay publishes them to NATS (timed: relay events/s), then 1 or 2 update
-processors (each in a runtime of its own, sharing the stores, owning half the
-partitions via `UpdateProcessor(owned=...)`) start; timed until every projection's
-checkpoint in every partition reaches that partition's last event. Both processors
-share one process (one GIL, one event loop), so 2 does not mean 2 cores.
+processors start, each in a process of its own (`benchmarks.projection_worker`,
+the `update-processor` role, owning 1/N of the partitions via
+`UpdateProcessor(owned=...)`, started and connected before the clock starts);
+timed until every projection's checkpoint in every partition reaches that
+partition's last event. The processes share the machine's cores with PostgreSQL
+and NATS.
 """
 
 from __future__ import annotations
@@ -42,9 +44,9 @@ from benchmarks.services import nats_stream, postgres_schemas
 from cqrskit.bootstrap import Runtime, open_runtime
 from cqrskit.config import Settings
 from cqrskit.messages import ConsistencyToken, partition_of
-from cqrskit.update_processor import RetryPolicy, UpdateProcessor
 
 NAME = "lag_distributed"
+_ROOT = Path(__file__).resolve().parents[1]  # where `python -m benchmarks...` works
 PARTITIONS = 4
 _POLL = 0.01
 # Stopping a processor, the relay or a runtime that takes longer than this is reported
@@ -151,44 +153,52 @@ async def _lag(size: Size) -> list[Measurement]:
 
 
 async def _projection(processors: int, size: Size) -> tuple[float, float]:
-    """(relay events/s, projection events/s with `processors` update processors)."""
+    """(relay events/s, projection events/s with `processors` update processors, each
+    in a process of its own)."""
     events = size.projection_events
     with postgres_schemas(2) as (command_db, query_db):
         async with nats_stream() as names:
-            settings = _settings(command_db, query_db, names.url(PARTITIONS))
-            runtimes = [await open_runtime(settings)]
+            stream_url = names.url(PARTITIONS)
+            rt = await open_runtime(_settings(command_db, query_db, stream_url))
             relay: asyncio.Task[None] | None = None
-            started: list[UpdateProcessor] = []
+            workers: list[asyncio.subprocess.Process] = []
             try:
-                for _ in range(processors - 1):
-                    runtimes.append(await open_runtime(settings))
-                await insert_records(runtimes[0], events, clients=64)
-                heads = await _Heads(PARTITIONS).update(runtimes[0])
-                last = max(heads)
-                first = runtimes[0]
-                assert first.relay is not None
+                await insert_records(rt, events, clients=64)
+                heads = await _Heads(PARTITIONS).update(rt)
+                assert rt.relay is not None and rt.views is not None
                 start = time.perf_counter()
-                relay = asyncio.create_task(first.relay.run(), name="bench-relay")
-                while first.relay.position < last:
+                relay = asyncio.create_task(rt.relay.run(), name="bench-relay")
+                while rt.relay.position < max(heads):
                     if relay.done():
                         relay.result()
                     await asyncio.sleep(_POLL)
                 relay_rate = events / (time.perf_counter() - start)
+                relay.cancel()
+                await _bounded(asyncio.gather(relay, return_exceptions=True),
+                               "stopping the relay")
 
-                projections = list(first.registry.projections)
-                for k, rt in enumerate(runtimes):
-                    processor = UpdateProcessor(
-                        rt.registry, rt.views, rt.stream, partitions=PARTITIONS,
-                        owned=range(k, PARTITIONS, processors), retry=RetryPolicy(),
-                        checkpoints=rt.checkpoints,
-                    )
-                    started.append(processor)
+                for k in range(processors):
+                    owned = ",".join(str(p) for p in range(k, PARTITIONS, processors))
+                    workers.append(await asyncio.create_subprocess_exec(
+                        sys.executable, "-m", "benchmarks.projection_worker", command_db,
+                        query_db, stream_url, str(PARTITIONS), owned,
+                        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                        cwd=_ROOT,
+                    ))
+                for worker in workers:
+                    assert worker.stdout is not None
+                    line = await asyncio.wait_for(worker.stdout.readline(), 60)
+                    if line.strip() != b"ready":
+                        raise RuntimeError(f"an update processor did not start: {line!r}")
+                projections = list(rt.registry.projections)
                 start = time.perf_counter()
-                for processor in started:
-                    processor.start()
+                for worker in workers:
+                    assert worker.stdin is not None
+                    worker.stdin.write(b"go\n")
+                    await worker.stdin.drain()
                 deadline = start + CATCH_UP_TIMEOUT
                 while True:
-                    stored = await first.views.checkpoints()
+                    stored = await rt.views.checkpoints()
                     if all(stored.get((name, p), 0) >= heads[p]
                            for name in projections for p in range(PARTITIONS) if heads[p]):
                         break
@@ -197,14 +207,20 @@ async def _projection(processors: int, size: Size) -> tuple[float, float]:
                     await asyncio.sleep(_POLL)
                 return relay_rate, events / (time.perf_counter() - start)
             finally:
-                for k, processor in enumerate(started):
-                    await _bounded(processor.stop(), f"stopping update processor {k + 1}")
-                if relay is not None:
+                for worker in workers:
+                    if worker.stdin is not None:
+                        worker.stdin.close()
+                for worker in workers:
+                    try:
+                        await asyncio.wait_for(worker.wait(), STOP_TIMEOUT)
+                    except TimeoutError:
+                        worker.kill()
+                        await worker.wait()
+                if relay is not None and not relay.done():
                     relay.cancel()
                     await _bounded(asyncio.gather(relay, return_exceptions=True),
                                    "stopping the relay")
-                for rt in runtimes:
-                    await _bounded(rt.close(), "closing a runtime")
+                await _bounded(rt.close(), "closing the runtime")
 
 
 def run(size: Size, workdir: Path) -> list[Measurement]:
@@ -218,7 +234,8 @@ def run(size: Size, workdir: Path) -> list[Measurement]:
         results += [
             Measurement(NAME, case, rate, "events/s",
                         baseline=None if processors == 1 else one,
-                        details={"events": size.projection_events, "partitions": PARTITIONS}),
+                        details={"events": size.projection_events, "partitions": PARTITIONS,
+                                 "processes": processors}),
         ]
         if processors == 1:
             results.append(Measurement(NAME, "relay · PostgreSQL → NATS", relay_rate, "events/s"))

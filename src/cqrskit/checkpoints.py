@@ -2,15 +2,33 @@
 
 Update processors in this process report their progress here at once; progress
 made by other processes is picked up by polling the query DB while someone waits.
+
+Waiting costs next to nothing per waiter: a waiter is parked, ordered by its
+position, on the first (projection, partition) it still waits for, and only the
+waiters a checkpoint has passed are looked at again when it moves. (Waking every
+waiter on every commit made the waiting itself the busiest part of a process
+that had fallen behind: thousands of waiters, each woken by every batch.) One
+poll of the query DB per interval serves all of them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 from cqrskit.messages import ConsistencyToken
 from cqrskit.ports import ViewStore
+
+
+@dataclass(slots=True)
+class _Waiter:
+    projections: list[str]
+    partition: int
+    position: int
+    future: asyncio.Future[bool] = field(repr=False)
 
 
 class Checkpoints:
@@ -19,15 +37,21 @@ class Checkpoints:
         self.partitions = partitions
         self.poll_seconds = poll_seconds
         self.positions: dict[tuple[str, int], int] = {}
-        self._changed = asyncio.Event()
         self._reading: asyncio.Future[None] | None = None
         self._read_started = float("-inf")
+        # Parked waiters by the (projection, partition) each waits for next: a heap
+        # of (position, tie-breaker, waiter).
+        self._waiting: dict[tuple[str, int], list[tuple[int, int, _Waiter]]] = {}
+        self._parked = 0
+        self._order = itertools.count()
+        self._poller: asyncio.Task[None] | None = None
 
     def advance(self, projection: str, partition: int, position: int) -> None:
         key = (projection, partition)
         if position > self.positions.get(key, 0):
             self.positions[key] = position
-            self._changed.set()
+            if key in self._waiting:
+                self._release(key)
 
     def reset(self, projection: str) -> None:
         for key in [k for k in self.positions if k[0] == projection]:
@@ -56,7 +80,8 @@ class Checkpoints:
     async def _read(self) -> None:
         try:
             self.positions = await self.views.checkpoints()
-            self._changed.set()
+            for key in list(self._waiting):
+                self._release(key)
         finally:
             self._reading = None
 
@@ -69,17 +94,69 @@ class Checkpoints:
     ) -> bool:
         """Wait until every named projection has processed the token; False on timeout."""
         projections = list(projections)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
         # Always ask the store once: memory may be ahead of a rebuild elsewhere.
         await self.refresh()
-        while not self.reached(projections, token):
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return False
-            self._changed.clear()
-            try:
-                await asyncio.wait_for(self._changed.wait(), min(remaining, self.poll_seconds))
-            except TimeoutError:
-                await self.refresh(max_age=self.poll_seconds)
-        return True
+        if self.reached(projections, token):
+            return True
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(
+            projections, token.partition(self.partitions), token.position, loop.create_future()
+        )
+        self._park(waiter)
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.create_task(self._poll(), name="checkpoints-poll")
+        try:
+            return await asyncio.wait_for(waiter.future, timeout)
+        except TimeoutError:
+            return False
+        finally:
+            if not waiter.future.done():
+                waiter.future.cancel()
+
+    def _park(self, waiter: _Waiter) -> None:
+        """Park the waiter on the first of its projections short of its position, or
+        wake it. Every projection is checked again each time: one may have gone back."""
+        if waiter.future.done():
+            return
+        for projection in waiter.projections:
+            key = (projection, waiter.partition)
+            if self.positions.get(key, 0) < waiter.position:
+                heap = self._waiting.setdefault(key, [])
+                heapq.heappush(heap, (waiter.position, next(self._order), waiter))
+                self._parked += 1
+                return
+        waiter.future.set_result(True)
+
+    def _release(self, key: tuple[str, int]) -> None:
+        """Look again at the waiters of `key` that its checkpoint has passed."""
+        heap = self._waiting[key]
+        reached = self.positions.get(key, 0)
+        passed = []
+        while heap and heap[0][0] <= reached:
+            passed.append(heapq.heappop(heap)[2])
+            self._parked -= 1
+        if not heap:
+            del self._waiting[key]
+        for waiter in passed:
+            self._park(waiter)
+
+    def _forget_gone(self) -> None:
+        """Drop waiters that stopped waiting (timed out, cancelled)."""
+        for key, heap in list(self._waiting.items()):
+            kept = [entry for entry in heap if not entry[2].future.done()]
+            self._parked -= len(heap) - len(kept)
+            if kept:
+                heapq.heapify(kept)
+                self._waiting[key] = kept
+            else:
+                del self._waiting[key]
+
+    async def _poll(self) -> None:
+        """While anyone waits, read the stored checkpoints once per interval for all of
+        them: progress made in other processes, or a checkpoint a rebuild moved back."""
+        while True:
+            await asyncio.sleep(self.poll_seconds)
+            self._forget_gone()
+            if not self._parked:
+                return
+            await self.refresh(max_age=self.poll_seconds)

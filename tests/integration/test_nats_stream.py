@@ -22,10 +22,12 @@ from nats_helpers import (
     stream_messages,
     stream_url,
     unique_names,
+    wait_until,
 )
 
 from cqrskit.errors import CqrskitError, Unavailable
 from cqrskit.messages import Envelope, partition_of
+from cqrskit.streams import nats as nats_stream
 from cqrskit.streams.nats import NatsStream, NatsUrl
 
 OpenStream = Callable[..., NatsStream]
@@ -154,6 +156,28 @@ async def test_other_partition_counts_read_the_whole_stream(open_stream: OpenStr
         assert positions(got) == expected
 
 
+async def test_a_refused_publish_fails_and_the_retry_sends_the_batch_again(
+    open_stream: OpenStream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stream = open_stream(partitions=1)
+    events = make_envelopes(20)
+    subject_of = stream.subject_of
+    # The last event goes where no stream listens: the broker answers "no responders".
+    # (A refusal in the middle of a window leaves the events after it stored: see the
+    # module docstring.)
+    monkeypatch.setattr(stream, "subject_of", lambda e: (
+        "nowhere.at.all" if e.position == 20 else subject_of(e)
+    ))
+    with pytest.raises(Unavailable, match="publishing failed"):
+        await stream.publish(events)
+    assert "publish" not in stream._links  # the connection that failed is dropped
+    assert await stream_messages(NATS_SERVER, stream.url.stream) == 19
+    monkeypatch.setattr(stream, "subject_of", subject_of)
+    await stream.publish(events)  # the retry: the first copies are dropped as duplicates
+    assert await stream_messages(NATS_SERVER, stream.url.stream) == 20
+    assert positions(await collect(stream, 0, 1, 0, 20)) == positions(events)
+
+
 async def test_broker_drops_duplicate_publishes(open_stream: OpenStream) -> None:
     stream = open_stream(partitions=4)
     events = make_envelopes(300)
@@ -225,6 +249,79 @@ async def test_unacknowledged_batch_comes_again_on_resume(open_stream: OpenStrea
     assert await consumer_start(stream, "proj-0") == 21
     got = await collect(stream, 0, 1, 20, 15, consumer="proj-0")
     assert positions(got) == list(range(21, 36))
+
+
+async def consumer_state(stream: NatsStream, consumer: str) -> tuple[int, int]:
+    """(the last stream sequence delivered, the acknowledged floor) of a durable consumer."""
+    client = await nats.connect(NATS_SERVER)
+    try:
+        info = await client.jetstream().consumer_info(stream.url.stream, consumer)
+        delivered = info.delivered.stream_seq if info.delivered else 0
+        floor = info.ack_floor.stream_seq if info.ack_floor else 0
+        return int(delivered or 0), int(floor or 0)
+    finally:
+        await client.close()
+
+
+async def test_the_next_batch_arrives_while_the_caller_works_and_is_acknowledged_after(
+    open_stream: OpenStream,
+) -> None:
+    """A pull request stays open while the caller has a batch: the next one is already
+    delivered when it comes back. The acknowledgement waits for the caller."""
+    stream = open_stream(partitions=1, batch=10)
+    await stream.publish(make_envelopes(35))
+    batches = stream.subscribe(0, 1, 0, consumer="ahead")
+    async with contextlib.aclosing(batches):
+        assert positions(await anext(aiter(batches))) == list(range(1, 11))
+        # The caller "commits" batch 1: meanwhile 11..20 are delivered, nothing is acked.
+        await wait_until(
+            lambda: consumer_state(stream, "ahead"), what="the next batch delivered",
+        )
+        assert await consumer_state(stream, "ahead") == (20, 0)
+        assert positions(await anext(aiter(batches))) == list(range(11, 21))
+        await wait_until(lambda: _floor_is(stream, "ahead", 10), what="batch 1 acknowledged")
+        assert await consumer_state(stream, "ahead") == (30, 10)
+        assert positions(await anext(aiter(batches))) == list(range(21, 31))  # acks 20
+    # Stopping cleanly confirms the last acknowledgement sent: the floor is exact at once.
+    assert (await consumer_state(stream, "ahead"))[1] == 20
+
+
+async def _floor_is(stream: NatsStream, consumer: str, floor: int) -> bool:
+    return (await consumer_state(stream, consumer))[1] == floor
+
+
+async def delete_consumer(stream: NatsStream, consumer: str) -> None:
+    client = await nats.connect(NATS_SERVER)
+    try:
+        await client.jetstream().delete_consumer(stream.url.stream, consumer)
+    finally:
+        await client.close()
+
+
+async def test_a_consumer_deleted_under_a_subscriber_fails_it(
+    open_stream: OpenStream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(nats_stream, "_PULL_EXPIRES_SECONDS", 0.3)
+    stream = open_stream(partitions=1)
+    await stream.publish(make_envelopes(3))
+    batches = stream.subscribe(0, 1, 0, consumer="gone")
+    async with contextlib.aclosing(batches):
+        assert len(await anext(aiter(batches))) == 3
+        waiting = asyncio.ensure_future(anext(aiter(batches)))
+        await asyncio.sleep(0.2)  # waiting for more, in an open pull request
+        await delete_consumer(stream, "gone")
+        with pytest.raises(Unavailable, match="409"):
+            await asyncio.wait_for(waiting, 5)
+    # Deleted while the caller had a batch and no request was open: the broker ignores
+    # the next request; the subscriber notices when that should have ended.
+    await stream.publish(make_envelopes(2, first=4))
+    batches = stream.subscribe(0, 1, 3, consumer="gone")
+    async with contextlib.aclosing(batches):
+        assert positions(await anext(aiter(batches))) == [4, 5]
+        await asyncio.sleep(0.2)  # the request for more found nothing and ended
+        await delete_consumer(stream, "gone")
+        with pytest.raises(Unavailable, match="no answer"):
+            await asyncio.wait_for(anext(aiter(batches)), 10)
 
 
 async def test_checkpoint_moved_back_reads_from_the_start(open_stream: OpenStream) -> None:

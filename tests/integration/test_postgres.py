@@ -43,6 +43,7 @@ from cqrskit.stores.postgres import (  # noqa: E402
     PostgresUrl,
     PostgresViewStore,
     _event_store_schema,
+    _next_group,
     _view_store_schema,
     migrate,
 )
@@ -72,7 +73,8 @@ async def admin(dsn: str) -> Any:
 
 
 def raw_request(stream_id: str, events: int) -> dict[str, Any]:
-    """One request as `append_events` takes it (see _request_json in stores/postgres.py)."""
+    """One request as `append_events` takes it (see _request_json in stores/postgres.py;
+    both versions of the function take this shape)."""
     command_id = new_id()
     return {
         "stream_id": stream_id, "stream_type": "thing", "expected_version": 0,
@@ -111,8 +113,11 @@ async def test_a_follower_never_skips_an_event_that_commits_late(
                 async with conn.transaction():
                     # The transaction starts before it asks for the log's lock.
                     await conn.execute("SELECT pg_sleep(%s)", (rng.uniform(0, 0.01),))
+                    # Half the writers call the function of the previous version, as
+                    # processes not yet upgraded would: the two take the same lock.
+                    args = "%s" if seed % 2 else "%s, false"
                     cursor = await conn.execute(
-                        f"SELECT {schema}.append_events(%s)", (Jsonb(calls),)
+                        f"SELECT {schema}.append_events({args})", (Jsonb(calls),)
                     )
                     row = await cursor.fetchone()
                     assert row is not None
@@ -177,6 +182,136 @@ async def test_a_follower_never_skips_an_event_that_commits_late(
     assert reads_with_data >= 10, "the follower did not read while the writers wrote"
 
 
+def generated(stream_id: str) -> AppendRequest:
+    """An append as the handler makes it for a command without an idempotency key."""
+    command_id = new_id()
+    return AppendRequest(
+        stream_id=stream_id, stream_type="thing", expected_version=0,
+        events=[NewEvent("Happened", {})], metadata={"command_id": command_id},
+        command_id=command_id, command_hash="",
+    )
+
+
+def test_a_group_never_holds_two_requests_for_one_stream_or_command_id() -> None:
+    def item(stream_id: str, command_id: str) -> Any:
+        return (AppendRequest(stream_id, "t", 0, [], {}, command_id, "h"), command_id)
+
+    queue = [item("a", "1"), item("b", "2"), item("a", "3"), item("c", "4"), item("d", "3"),
+             item("e", "5"), item("f", "6")]
+    group, rest = _next_group(queue, limit=4)
+    assert [i[1] for i in group] == ["1", "2", "4", "5"]
+    # "3" waits behind "1" (stream a), and "3" on d behind it (the same command id); "6"
+    # waits for room: the limit.
+    assert [i[1] for i in rest] == ["3", "3", "6"]
+    group, rest = _next_group(rest, limit=4)
+    assert [(i[0].stream_id, i[1]) for i in group] == [("a", "3"), ("f", "6")]
+    assert [(i[0].stream_id, i[1]) for i in rest] == [("d", "3")]
+
+
+async def test_appends_arriving_during_a_call_go_together_in_the_next(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = await PostgresEventStore.open(postgres_url, pool_size=2)
+    sizes: list[int] = []
+    call = store._call_append
+    in_flight = asyncio.Event()
+
+    async def slow_call(requests: list[AppendRequest]) -> Any:
+        sizes.append(len(requests))
+        in_flight.set()
+        await asyncio.sleep(0.2)
+        return await call(requests)
+
+    monkeypatch.setattr(store, "_call_append", slow_call)
+    try:
+        first = asyncio.create_task(store.append(request("first")))
+        await in_flight.wait()
+        later = [asyncio.create_task(store.append(request(f"s{k}"))) for k in range(10)]
+        await asyncio.sleep(0.01)
+        later.append(asyncio.create_task(store.append(request("s0", expected=1))))
+        results = await asyncio.gather(first, *later)
+        # One call at a time: the ten that came while the first was in flight went in
+        # one call; the second append to s0 waited for the first one's.
+        assert sizes == [1, 10, 1]
+        assert [r.position for r in results] == list(range(1, 13))
+        assert results[-1].version == 2
+    finally:
+        await store.close()
+
+
+async def test_a_generated_command_id_is_not_stored_twice_when_the_answer_is_lost(
+    postgres_url: str,
+) -> None:
+    """The first call commits, but its connection dies before the answer arrives: the
+    retry, on a new connection, looks generated ids up too and answers from the log."""
+    store = await PostgresEventStore.open(postgres_url, pool_size=2)
+    lose_answers = 1
+    connect = store._append_connection
+
+    async def losing_connection() -> Any:
+        conn = await connect()
+        execute = conn.execute
+
+        async def execute_then_die(*args: Any, **kwargs: Any) -> Any:
+            nonlocal lose_answers
+            cursor = await execute(*args, **kwargs)
+            if lose_answers:
+                lose_answers -= 1
+                await conn.close()
+                raise psycopg.OperationalError("the connection died (a test)")
+            return cursor
+
+        conn.execute = execute_then_die  # type: ignore[method-assign]
+        return conn
+
+    store._append_connection = losing_connection  # type: ignore[method-assign]
+    try:
+        results = await asyncio.gather(*(store.append(generated(f"g{k}")) for k in range(3)))
+        assert [(r.stream_id, r.version, r.position) for r in results] == [
+            ("g0", 1, 1), ("g1", 1, 2), ("g2", 1, 3),
+        ]
+        assert all(r.replayed for r in results)  # the retry found them stored
+        assert [e.stream_id for e in await store.read_all(0, 10)] == ["g0", "g1", "g2"]
+        # Later appends go on normally.
+        again = await store.append(generated("g3"))
+        assert (again.position, again.replayed) == (4, False)
+    finally:
+        await store.close()
+
+
+async def test_the_append_function_probes_by_index_however_big_the_log(
+    postgres_url: str, postgres_dsn: str
+) -> None:
+    """PL/pgSQL keeps a plan made while the tables were small; a sequential scan in it
+    would cost a read of the whole log per call."""
+    schema = schema_of(postgres_url)
+    store = await PostgresEventStore.open(postgres_url, pool_size=2)
+    try:
+        for k in range(20):  # past the calls after which PL/pgSQL keeps a generic plan
+            await asyncio.gather(*(store.append(generated(f"s{k}-{n}")) for n in range(50)))
+    finally:
+        await store.close()
+    async with await admin(postgres_dsn) as conn:
+        for _ in range(6):
+            await conn.execute(
+                f"SELECT {schema}.append_events(%s, true)",
+                (Jsonb([raw_request(new_id(), 1)]),),
+            )
+        plans: list[str] = []
+        conn.add_notice_handler(lambda notice: plans.append(notice.message_primary or ""))
+        await conn.execute("LOAD 'auto_explain'")
+        for setting in ("log_min_duration = 0", "log_nested_statements = on",
+                        "log_level = notice"):
+            await conn.execute(f"SET auto_explain.{setting}")
+        for args in ("%s, true", "%s, false", "%s"):  # the function of migration 1 too
+            await conn.execute(
+                f"SELECT {schema}.append_events({args})", (Jsonb([raw_request(new_id(), 2)]),)
+            )
+    text = "\n".join(plans)
+    assert "Index" in text and "on events" in text and "on commands" in text, text
+    assert "Seq Scan" not in text, text
+
+
 async def test_wait_for_append_wakes_on_an_append_from_another_process(
     postgres_url: str, postgres_dsn: str
 ) -> None:
@@ -187,8 +322,9 @@ async def test_wait_for_append_wakes_on_an_append_from_another_process(
     writing = await PostgresEventStore.open(postgres_url, pool_size=2)
     try:
         async with await admin(postgres_dsn) as conn:
+            assert not await listening(conn, app)  # nobody waited yet: no listener
+            await asyncio.wait_for(waiting.wait_for_append(0, 0.1), 5)  # starts it
             await eventually_true(lambda: listening(conn, app))  # the listener is connected
-        await asyncio.wait_for(waiting.wait_for_append(0, 0.1), 5)  # its first wake-up
         waiter = asyncio.create_task(waiting.wait_for_append(0, 30))
         await asyncio.sleep(0.3)
         assert not waiter.done()

@@ -4,12 +4,14 @@ URL: `postgresql://user:password@host:port/database?schema=name`. Every table
 lives in the schema (default `cqrskit`), so one database can hold several
 deployments or test runs side by side.
 
-Appends from all concurrent commands of one event-loop iteration go to the
-server as one call of a PL/pgSQL function, which takes an advisory lock,
-checks idempotency and expected versions, assigns positions and inserts the
-rows. The lock is held until that transaction commits, so positions become
-visible in commit order with no gaps: a reader following the log cannot skip
-an event that commits late. One round trip serves the whole group.
+Appends go to the server in groups, one call of a PL/pgSQL function per group,
+which takes an advisory lock, checks idempotency and expected versions, assigns
+positions and inserts the rows. The lock is held until that transaction
+commits, so positions become visible in commit order with no gaps: a reader
+following the log cannot skip an event that commits late. One round trip
+serves the whole group, and one call is in flight at a time (on the store's own
+connection): the appends that arrive meanwhile make the next group, so the
+groups grow with the load instead of queueing one by one for the lock.
 """
 
 from __future__ import annotations
@@ -201,7 +203,104 @@ def _event_store_schema(s: str) -> list[str]:
             position BIGINT NOT NULL
         );
         """,
+        _append_function(s, lock_key),
     ]
+
+
+def _append_function(s: str, lock_key: int) -> str:
+    """Migration 3: `append_events(requests, lookup_all)`, what the store calls since.
+
+    The one-argument version of migration 1 stays for processes of the previous
+    version during a rolling upgrade; both take the same lock, so they interleave
+    safely. Against it this one
+    - decodes the group once, with `jsonb_to_recordset`, instead of per field;
+    - looks a command id up only when the caller chose it (`command_hash` not empty)
+      or `lookup_all` says so: an id the handler generated cannot be stored yet,
+      unless this is the retry of a call whose answer was lost (the client then
+      passes `lookup_all`);
+    - probes `commands` and each stream's head by index, one row at a time, whatever
+      the table statistics say. PL/pgSQL keeps the plan it made while the tables
+      were small: the plan of migration 1 read both tables sequentially in every
+      call, a cost that grew with the log (`SET enable_seqscan = off` and the
+      `LIMIT 1` laterals keep that from happening);
+    - reads the last position in the same statement (its snapshot is taken after
+      the lock, so it sees every earlier append) and notifies only if it stored.
+    """
+    return f"""
+        ALTER FUNCTION {s}.append_events(JSONB) SET enable_seqscan = off;
+        CREATE OR REPLACE FUNCTION {s}.append_events(requests JSONB, lookup_all BOOLEAN)
+        RETURNS JSONB
+        LANGUAGE plpgsql
+        SET enable_seqscan = off
+        AS $$
+        DECLARE
+            outcomes JSONB;
+            stored BOOLEAN;
+            now_ts TIMESTAMPTZ := clock_timestamp();
+        BEGIN
+            -- Held until commit: positions become visible in commit order, gap-free.
+            PERFORM pg_advisory_xact_lock({lock_key});
+            WITH r AS (
+                SELECT * FROM ROWS FROM (jsonb_to_recordset(requests) AS (
+                    stream_id TEXT, stream_type TEXT, expected_version INTEGER,
+                    command_id TEXT, command_hash TEXT, metadata JSONB, events JSONB
+                )) WITH ORDINALITY AS t(stream_id, stream_type, expected_version, command_id,
+                                          command_hash, metadata, events, i)
+            ), judged AS (
+                SELECT r.*, jsonb_array_length(r.events) AS n, k.known_hash, k.known_stream,
+                       k.known_version, k.known_position, coalesce(h.head, 0) AS head
+                FROM r
+                LEFT JOIN LATERAL (
+                    SELECT c.command_hash AS known_hash, c.stream_id AS known_stream,
+                           c.version AS known_version, c.position AS known_position
+                    FROM {s}.commands c
+                    WHERE (lookup_all OR r.command_hash <> '') AND c.command_id = r.command_id
+                    LIMIT 1
+                ) k ON true
+                LEFT JOIN LATERAL (
+                    SELECT e.version AS head FROM {s}.events e
+                    WHERE e.stream_id = r.stream_id ORDER BY e.version DESC LIMIT 1
+                ) h ON true
+            ), accepted AS (
+                SELECT j.*, (SELECT coalesce(max(position), 0) FROM {s}.events)
+                            + sum(j.n) OVER (ORDER BY j.i) AS end_position
+                FROM judged j
+                WHERE j.known_hash IS NULL AND j.head = j.expected_version
+            ), stored_events AS (
+                INSERT INTO {s}.events (position, event_id, stream_id, stream_type, version,
+                    type, schema_version, data, metadata, recorded_at)
+                SELECT a.end_position - a.n + e.k, e.event_id, a.stream_id, a.stream_type,
+                       a.head + e.k, e.type, e.schema_version, e.data, a.metadata, now_ts
+                FROM accepted a,
+                     ROWS FROM (jsonb_to_recordset(a.events) AS (
+                         event_id TEXT, type TEXT, schema_version INTEGER, data JSONB
+                     )) WITH ORDINALITY AS e(event_id, type, schema_version, data, k)
+            ), stored_commands AS (
+                INSERT INTO {s}.commands (command_id, command_hash, stream_id, version,
+                    position, recorded_at)
+                SELECT a.command_id, a.command_hash, a.stream_id, a.head + a.n,
+                       a.end_position, now_ts
+                FROM accepted a
+            )
+            SELECT jsonb_agg(CASE
+                WHEN j.known_hash IS NOT NULL AND j.known_hash <> j.command_hash
+                    THEN jsonb_build_object('error', 'reused')
+                WHEN j.known_hash IS NOT NULL
+                    THEN jsonb_build_object('replayed', true, 'stream_id', j.known_stream,
+                        'version', j.known_version, 'position', j.known_position)
+                WHEN a.i IS NULL
+                    THEN jsonb_build_object('error', 'conflict', 'current', j.head)
+                ELSE jsonb_build_object('version', a.head + a.n, 'position', a.end_position)
+                END ORDER BY j.i),
+                bool_or(a.i IS NOT NULL)
+            INTO outcomes, stored
+            FROM judged j LEFT JOIN accepted a ON a.i = j.i;
+            IF stored THEN
+                PERFORM pg_notify('{s}_events', '');
+            END IF;
+            RETURN coalesce(outcomes, '[]'::JSONB);
+        END $$;
+        """
 
 
 async def migrate(conn: psycopg.AsyncConnection[Any], schema: str, name: str,
@@ -296,30 +395,38 @@ def _outcome(request: AppendRequest, answer: dict[str, Any]) -> Any:
         return IdempotencyKeyReused(request.command_id)
     if error == "conflict":
         return ConcurrencyConflict(request.stream_id, request.expected_version, answer["current"])
+    if answer.get("replayed"):
+        return CommandResult(
+            request.command_id, answer["stream_id"], answer["version"], answer["position"],
+            replayed=True,
+        )
     return CommandResult(
-        request.command_id, answer["stream_id"], answer["version"], answer["position"],
-        replayed=bool(answer.get("replayed")),
+        request.command_id, request.stream_id, answer["version"], answer["position"]
     )
 
 
-def _waves(group: list[tuple[AppendRequest, T]]) -> list[list[tuple[AppendRequest, T]]]:
-    """Split a group so no wave holds two requests for one stream or one command id.
+_Pending = tuple[AppendRequest, asyncio.Future[Any]]
 
-    The SQL function judges a wave set-based, so a later request on the same
-    stream must see the earlier one stored: it goes in a later wave, sent after.
+
+def _next_group(pending: list[_Pending], limit: int) -> tuple[list[_Pending], list[_Pending]]:
+    """Split the queue into the group to send now and what stays queued, in order.
+
+    The SQL function judges a group set-based, so a request on a stream (or with a
+    command id) that an earlier request still queued also has must see that one
+    stored: it stays queued for a later call, and so does everything behind it on
+    the same stream or command id, so their order holds.
     """
-    waves: list[list[tuple[AppendRequest, T]]] = []
-    last_wave: dict[str, int] = {}
-    for item in group:
-        request = item[0]
-        keys = ("s:" + request.stream_id, "c:" + request.command_id)
-        index = max((last_wave.get(k, -1) for k in keys), default=-1) + 1
-        if index == len(waves):
-            waves.append([])
-        waves[index].append(item)
-        for key in keys:
-            last_wave[key] = index
-    return waves
+    group: list[_Pending] = []
+    rest: list[_Pending] = []
+    seen: set[str] = set()
+    for item in pending:
+        keys = ("s:" + item[0].stream_id, "c:" + item[0].command_id)
+        if len(group) < limit and not any(key in seen for key in keys):
+            group.append(item)
+        else:
+            rest.append(item)
+        seen.update(keys)
+    return group, rest
 
 
 def _request_json(request: AppendRequest) -> dict[str, Any]:
@@ -345,8 +452,12 @@ class PostgresEventStore:
         self.url = url
         self.schema = url.schema
         self.pool = pool
-        self._pending: list[tuple[AppendRequest, asyncio.Future[Any]]] = []
-        self._groups: set[asyncio.Task[None]] = set()
+        # Appends waiting for the next call of `append_events`, in arrival order.
+        self._pending: list[_Pending] = []
+        self._sender: asyncio.Task[None] | None = None
+        # The appender's own connection: one call in flight at a time needs no pool.
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._closed = False
         self._appended = asyncio.Event()
         self._listener: asyncio.Task[None] | None = None
 
@@ -354,37 +465,32 @@ class PostgresEventStore:
     async def open(cls, url: str, *, pool_size: int = 8) -> PostgresEventStore:
         parsed = PostgresUrl.parse(url)
         pool = await _open_pool(parsed, "event_store", _event_store_schema, pool_size)
-        store = cls(parsed, pool)
-        store._listener = asyncio.create_task(store._listen(), name="event-store-listener")
-        return store
+        return cls(parsed, pool)
 
     async def append(self, request: AppendRequest) -> CommandResult:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        if not self._pending:
-            # Everything appended in this loop iteration goes in one server call.
-            loop.call_soon(self._send_group)
+        if self._closed:
+            raise Unavailable(f"the event store on {self.schema} is closed")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending.append((request, future))
+        if self._sender is None or self._sender.done():
+            # Its first step runs in the next loop iteration: everything appended in
+            # this one is in the first group.
+            self._sender = asyncio.create_task(self._send_pending(), name="event-store-append")
         result: CommandResult = await future
         return result
 
-    def _send_group(self) -> None:
-        pending, self._pending = self._pending, []
-        for start in range(0, len(pending), _MAX_GROUP):
-            waves = _waves(pending[start : start + _MAX_GROUP])
-            task = asyncio.create_task(self._append_waves(waves))
-            self._groups.add(task)
-            task.add_done_callback(self._groups.discard)
+    async def _send_pending(self) -> None:
+        """Send the queue, one group per call and one call at a time, until it is empty.
 
-    async def _append_waves(
-        self, waves: list[list[tuple[AppendRequest, asyncio.Future[Any]]]]
-    ) -> None:
-        for wave in waves:
-            await self._append_group(wave)
+        While a call is in flight, new appends queue up and go together in the next
+        call: the busier the store, the bigger the groups. (The calls serialise on the
+        log's lock in the server anyway; one at a time leaves none waiting for it.)
+        """
+        while self._pending:
+            group, self._pending = _next_group(self._pending, _MAX_GROUP)
+            await self._append_group(group)
 
-    async def _append_group(
-        self, group: list[tuple[AppendRequest, asyncio.Future[Any]]]
-    ) -> None:
+    async def _append_group(self, group: list[_Pending]) -> None:
         try:
             answers = await self._call_append([request for request, _ in group])
         except Unavailable as error:
@@ -395,11 +501,15 @@ class PostgresEventStore:
         except Exception as error:
             if len(group) > 1:
                 # Something in the group broke the transaction: run each alone.
-                await asyncio.gather(*(self._append_group([item]) for item in group))
+                for item in group:
+                    await self._append_group([item])
                 return
             log.error("append to %s failed", self.schema, exc_info=error)
-            group[0][1].set_exception(error)
+            if not group[0][1].done():
+                group[0][1].set_exception(error)
             return
+        # A follower in this process need not wait for the NOTIFY to come round.
+        self._appended.set()
         for (request, future), answer in zip(group, answers, strict=True):
             if future.done():
                 continue
@@ -410,10 +520,52 @@ class PostgresEventStore:
                 future.set_result(outcome)
 
     async def _call_append(self, requests: list[AppendRequest]) -> list[dict[str, Any]]:
+        """One call of `append_events` on the appender's own connection.
+
+        A connection that fails is replaced and the call made once more. Whether the
+        first call committed is then unknown, so the second looks up every command
+        id, generated ones too: a group already stored is answered as replayed
+        instead of being stored twice.
+        """
         payload = Jsonb([_request_json(r) for r in requests], dumps=orjson.dumps)
-        rows = await _fetch(self.pool, f"SELECT {self.schema}.append_events(%s)", (payload,))
-        answers: list[dict[str, Any]] = rows[0][0]
-        return answers
+        sql = f"SELECT {self.schema}.append_events(%s, %s)"
+        for attempt in (1, 2):
+            try:
+                conn = await self._append_connection()
+                cursor = await conn.execute(sql, (payload, attempt > 1))
+                row = await cursor.fetchone()
+            except Unavailable:
+                await self._drop_append_connection()
+                if attempt == 2 or self._closed:
+                    raise
+                continue
+            except psycopg.OperationalError as error:
+                await self._drop_append_connection()
+                if attempt == 2 or self._closed:
+                    raise _unavailable(error) from error
+                continue
+            except BaseException:
+                # Cancelled or failed mid-call: the connection's state is unknown.
+                await self._drop_append_connection()
+                raise
+            assert row is not None
+            answers: list[dict[str, Any]] = row[0]
+            return answers
+        raise AssertionError("unreachable")
+
+    async def _append_connection(self) -> psycopg.AsyncConnection[Any]:
+        if self._conn is None or self._conn.closed:
+            async with _translated():
+                conn = await psycopg.AsyncConnection.connect(self.url.conninfo, autocommit=True)
+            await _configure(conn)
+            self._conn = conn
+        return self._conn
+
+    async def _drop_append_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.close()
 
     async def _fetch(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         return await _fetch(self.pool, sql, params)
@@ -439,7 +591,12 @@ class PostgresEventStore:
         return int(rows[0][0])
 
     async def _listen(self) -> None:
-        """Follow NOTIFY from every appender, in this process or another."""
+        """Follow NOTIFY from every appender, in this process or another.
+
+        Started by the first `wait_for_append`: a process that never follows the log
+        (an API or command-handler process) keeps no listening connection and is not
+        woken by every append of every process.
+        """
         channel = f"{self.schema}_events"
         while True:
             try:
@@ -456,6 +613,10 @@ class PostgresEventStore:
                 await asyncio.sleep(1)
 
     async def wait_for_append(self, after: int, timeout: float) -> None:
+        if self._listener is None and not self._closed:
+            # Once it listens it wakes the waiters, who read the log again: an append
+            # made before the LISTEN is not missed.
+            self._listener = asyncio.create_task(self._listen(), name="event-store-listener")
         self._appended.clear()
         if await self.last_position() > after:
             return
@@ -478,12 +639,15 @@ class PostgresEventStore:
         await self._fetch("SELECT 1", ())
 
     async def close(self) -> None:
+        self._closed = True
         if self._listener is not None:
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._listener
-        if self._groups:
-            await asyncio.gather(*self._groups, return_exceptions=True)
+        if self._sender is not None:
+            # The appends already queued are still sent.
+            await asyncio.gather(self._sender, return_exceptions=True)
+        await self._drop_append_connection()
         await self.pool.close()
 
 
@@ -683,11 +847,11 @@ class _WriterBackend:
         return not conn.closed and not conn.broken
 
     def begin(self, conn: psycopg.Connection[Any]) -> None:
-        conn.execute("BEGIN")
         # Serialise view writers across processes, as the ViewStore port promises:
         # partitions share documents (a statistics total), and a unit of work
-        # reads them without row locks.
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.lock_key,))
+        # reads them without row locks. (One round trip: no parameters, so psycopg
+        # sends both statements as one simple query.)
+        conn.execute(f"BEGIN; SELECT pg_advisory_xact_lock({int(self.lock_key)})")
 
     def commit(self, conn: psycopg.Connection[Any]) -> None:
         conn.execute("COMMIT")
@@ -706,41 +870,64 @@ class _WriterBackend:
         return error
 
 
+def _json_param(value: Any) -> Jsonb:
+    """One JSONB parameter, encoded by orjson: far cheaper than psycopg's text[] arrays,
+    which escape every element with a regular expression in Python."""
+    return Jsonb(value, dumps=orjson.dumps)
+
+
 class PostgresUnitOfWork(BufferedUnitOfWork):
+    """A unit of work in the view writer's transaction, in few round trips.
+
+    Round trips matter twice here: each costs the server's latency, and each makes the
+    writer thread give up the GIL and wait to get it back from a busy event loop. A
+    unit therefore takes its checkpoint and the projection's parked streams in one
+    statement, and sends all its writes (and the end of its savepoint) in one
+    pipeline.
+    """
+
     def __init__(self, conn: psycopg.Connection[Any], schema: str, known: set[str]) -> None:
         super().__init__(known)
         self.conn = conn
         self.schema = schema
+        self._parked: dict[str, set[str]] = {}
 
     def _table(self, collection: str) -> str:
         return f"{self.schema}.view_{collection}"
 
     def load(self, collection: str, doc_ids: list[str]) -> dict[str, dict[str, Any]]:
         rows = self.conn.execute(
-            f"SELECT id, doc FROM {self._table(collection)} WHERE id = ANY(%s)", (doc_ids,)
+            f"SELECT id, doc FROM {self._table(collection)} "
+            "WHERE id = ANY(ARRAY(SELECT jsonb_array_elements_text(%s)))",
+            (_json_param(doc_ids),),
         ).fetchall()
         return {row[0]: row[1] for row in rows}
 
     def load_checkpoint(self, projection: str, partition: int) -> int:
-        # Locking the row serialises every processor of this projection and partition.
-        self.conn.execute(
-            f"INSERT INTO {self.schema}.checkpoints (projection, partition, position) "
-            "VALUES (%s, %s, 0) ON CONFLICT DO NOTHING",
-            (projection, partition),
-        )
+        # The upsert locks the row (created if missing): it serialises every processor
+        # of this projection and partition until the group commits.
         row = self.conn.execute(
-            f"SELECT position FROM {self.schema}.checkpoints "
-            "WHERE projection = %s AND partition = %s FOR UPDATE",
-            (projection, partition),
+            f"INSERT INTO {self.schema}.checkpoints AS c (projection, partition, position) "
+            "VALUES (%s, %s, 0) ON CONFLICT (projection, partition) "
+            "DO UPDATE SET position = c.position "
+            f"RETURNING c.position, ARRAY(SELECT DISTINCT stream_id FROM "
+            f"{self.schema}.dead_letters WHERE projection = %s)",
+            (projection, partition, projection),
         ).fetchone()
-        return int(row[0]) if row else 0
+        assert row is not None
+        self._parked[projection] = set(row[1])
+        return int(row[0])
 
     def load_parked_streams(self, projection: str) -> set[str]:
+        parked = self._parked.get(projection)
+        if parked is not None:
+            return set(parked)
         rows = self.conn.execute(
             f"SELECT DISTINCT stream_id FROM {self.schema}.dead_letters WHERE projection = %s",
             (projection,),
         ).fetchall()
-        return {row[0] for row in rows}
+        self._parked[projection] = {row[0] for row in rows}
+        return set(self._parked[projection])
 
     def load_dead_letters(self, projection: str, stream_id: str) -> list[DeadLetter]:
         rows = self.conn.execute(
@@ -751,6 +938,7 @@ class PostgresUnitOfWork(BufferedUnitOfWork):
         return [_dead_letter(row) for row in rows]
 
     def flush(self) -> None:
+        """Queue the unit's writes; the caller's pipeline sends them together."""
         conn, s = self.conn, self.schema
         for collection in self.cleared:
             conn.execute(f"DELETE FROM {self._table(collection)}")
@@ -758,38 +946,38 @@ class PostgresUnitOfWork(BufferedUnitOfWork):
         for collection, docs in upserts.items():
             conn.execute(
                 f"INSERT INTO {self._table(collection)} (id, doc) "
-                "SELECT id, doc::jsonb FROM unnest(%s::text[], %s::text[]) AS u(id, doc) "
+                "SELECT key, value FROM jsonb_each(%s) "
                 "ON CONFLICT (id) DO UPDATE SET doc = excluded.doc",
-                ([d[0] for d in docs], [orjson.dumps(d[1]).decode() for d in docs]),
+                (_json_param(dict(docs)),),
             )
         for collection, doc_ids in deletes.items():
-            conn.execute(f"DELETE FROM {self._table(collection)} WHERE id = ANY(%s)", (doc_ids,))
+            conn.execute(
+                f"DELETE FROM {self._table(collection)} "
+                "WHERE id = ANY(ARRAY(SELECT jsonb_array_elements_text(%s)))",
+                (_json_param(doc_ids),),
+            )
         if self.removed:
             conn.execute(f"DELETE FROM {s}.dead_letters WHERE id = ANY(%s)", (self.removed,))
-        with conn.cursor() as cursor:
-            if self.failures:
-                cursor.executemany(
-                    f"UPDATE {s}.dead_letters SET error = %s, attempts = attempts + 1, "
-                    "is_cause = true WHERE id = %s",
-                    self.failures,
-                )
-            if self.parked:
-                cursor.executemany(
-                    f"INSERT INTO {s}.dead_letters (projection, partition, stream_id, position, "
-                    "envelope, error, attempts, is_cause, parked_at) "
-                    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                    [
-                        (p, part, e.stream_id, e.position, Jsonb(e.to_dict()), err, n, c, at)
-                        for p, part, e, err, n, c, at in self.parked
-                    ],
-                )
-            if self.checkpoints:
-                cursor.executemany(
-                    f"INSERT INTO {s}.checkpoints (projection, partition, position, updated_at) "
-                    "VALUES (%s, %s, %s, now()) ON CONFLICT (projection, partition) "
-                    "DO UPDATE SET position = excluded.position, updated_at = now()",
-                    [(p, part, pos) for (p, part), pos in self.checkpoints.items()],
-                )
+        for error, dead_letter_id in self.failures:
+            conn.execute(
+                f"UPDATE {s}.dead_letters SET error = %s, attempts = attempts + 1, "
+                "is_cause = true WHERE id = %s",
+                (error, dead_letter_id),
+            )
+        for p, part, e, err, n, c, at in self.parked:
+            conn.execute(
+                f"INSERT INTO {s}.dead_letters (projection, partition, stream_id, position, "
+                "envelope, error, attempts, is_cause, parked_at) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                (p, part, e.stream_id, e.position, Jsonb(e.to_dict()), err, n, c, at),
+            )
+        for (p, part), pos in self.checkpoints.items():
+            conn.execute(
+                f"INSERT INTO {s}.checkpoints (projection, partition, position, updated_at) "
+                "VALUES (%s, %s, %s, now()) ON CONFLICT (projection, partition) "
+                "DO UPDATE SET position = excluded.position, updated_at = now()",
+                (p, part, pos),
+            )
 
 
 class PostgresViewStore:
@@ -846,7 +1034,9 @@ class PostgresViewStore:
         for work in works:
             uow = PostgresUnitOfWork(conn, self.schema, set(self.collections))
             try:
-                with conn.transaction():
+                # Pipelined: the savepoint goes out with the unit's first read, and its
+                # writes and the savepoint's release in one round trip at the end.
+                with conn.pipeline(), conn.transaction():
                     # A savepoint per unit: a failing projection undoes only its own reads
                     # and locks; its writes were never sent (they wait for flush).
                     result = work(uow)

@@ -17,9 +17,10 @@ configured with another count is refused, since it would route events to the
 wrong subjects.
 
 Publishing. Every event goes out as JSON with its event id as `Nats-Msg-Id`,
-so the broker drops a re-publish inside the duplicate window. Many publishes
-are in flight at once, and `publish` returns only when the broker acknowledged
-every one. Order: the stream must hold each partition's events in position
+so the broker drops a re-publish inside the duplicate window. A whole relay
+batch (up to `PUBLISH_WINDOW` events) is enqueued at once and its
+acknowledgements are awaited together, and `publish` returns only when the
+broker acknowledged every one. Order: the stream must hold each partition's events in position
 order, or a subscriber (which drops what is at or below the last position it
 gave out) would lose the late ones. So a batch is written in order on one
 connection that never reconnects by itself, and any failure closes that
@@ -28,12 +29,20 @@ a hole, and the caller's retry sends the whole batch again from its start
 (the prefix is dropped as duplicates). Two publishers sending the same events
 (a deposed relay) still give first copies in order. A copy re-published after
 the duplicate window is stored again, later in the stream; subscribers drop it.
+One case this does not cover: a broker that refuses one message and stores the
+ones after it (a stream `max_msg_size` an operator set, say) leaves a hole; once
+the refused event can be stored it lands behind them, and subscribers drop it.
+Leave the stream without per-message limits (as created here).
 
 Subscribing. `subscribe(..., consumer="name")` uses a durable pull consumer
-filtered on `<subject>.<partition>`. It yields a batch, and acknowledges it
-only when the caller comes back for the next one: an async generator resumes
-after the caller's `async for` body has finished, i.e. after the caller has
-committed the batch with its checkpoint. A crash before that leaves the batch
+filtered on `<subject>.<partition>`, with a pull request kept open so that the
+next batch arrives while the caller works on this one (`_Puller`). It yields a
+batch, and acknowledges it (all messages up to its last, without waiting for
+the broker) only when the caller comes back for the next one: an async
+generator resumes after the caller's `async for` body has finished, i.e. after
+the caller has committed the batch with its checkpoint. A subscriber that stops
+cleanly waits for the broker to confirm its last acknowledgement, so the next
+one resumes exactly after it. A crash before that leaves the batch
 unacknowledged, so the broker delivers it again (at-least-once); the caller's
 checkpoint, read in the same transaction as its writes, makes the second
 delivery change nothing (exactly-once effect). Each subscribe recreates the
@@ -90,10 +99,15 @@ log = logging.getLogger(__name__)
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _SUBJECT = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 
-# Publishes in flight per round trip: 256 gives about 10x the sequential rate here.
-PUBLISH_WINDOW = 256
+# Publishes in flight per wait for acknowledgements: a relay batch (1000 events by
+# default) goes out whole and is waited for once. (nats-py allows 4000 in flight.)
+PUBLISH_WINDOW = 1024
 # An ephemeral consumer the broker has not heard from for this long is removed.
 EPHEMERAL_IDLE_SECONDS = 300.0
+# A subscriber's open pull request lasts this long before it is renewed; a waiting
+# subscriber checks its connection this often.
+_PULL_EXPIRES_SECONDS = 5.0
+_PULL_CHECK_SECONDS = 0.25
 
 
 # The URL's query parameters and how each is read.
@@ -160,9 +174,66 @@ class _Link:
     # Set when the connection closes: pending publishes will never be acknowledged.
     closed: asyncio.Event
     js: JetStreamContext = field(init=False)
+    # The publisher's acknowledgements, once it has published.
+    acks: _Acks | None = None
 
     def __post_init__(self) -> None:
         self.js = self.client.jetstream()
+
+
+class _Acks:
+    """The broker's answers to one connection's publishes, counted per window.
+
+    Each publish asks for its answer on `<inbox>.<n>`; one subscription collects them.
+    (nats-py's `publish_async` makes a future, a semaphore step and an
+    `os.urandom` call per message; here a window of them shares one future.)
+    """
+
+    def __init__(self, client: NatsClient) -> None:
+        self.client = client
+        self.prefix = ""
+        self.next = 0
+        self.pending: set[str] = set()
+        self.done: asyncio.Future[None] | None = None
+
+    async def start(self) -> None:
+        self.prefix = self.client.new_inbox()
+        await self.client.subscribe(self.prefix + ".*", cb=self._on_ack)
+
+    def window(self) -> asyncio.Future[None]:
+        """A new window: its future is done once every reply it asked for came."""
+        self.pending = set()
+        self.done = asyncio.get_running_loop().create_future()
+        return self.done
+
+    def reply_to(self) -> str:
+        self.next += 1
+        token = str(self.next)
+        self.pending.add(token)
+        return f"{self.prefix}.{token}"
+
+    def sent(self) -> None:
+        """Every publish of the window is enqueued."""
+        if not self.pending and self.done is not None and not self.done.done():
+            self.done.set_result(None)
+
+    async def _on_ack(self, msg: Msg) -> None:
+        token = msg.subject.rpartition(".")[2]
+        done = self.done
+        if done is None or done.done() or token not in self.pending:
+            return  # an answer to an earlier window
+        status = msg.headers.get("Status") if msg.headers else None
+        if status == "503":
+            done.set_exception(nats.js.errors.NoStreamResponseError())
+            return
+        if b'"error"' in msg.data:
+            answer = orjson.loads(msg.data)
+            if "error" in answer:
+                done.set_exception(nats.js.errors.APIError.from_error(answer["error"]))
+                return
+        self.pending.discard(token)
+        if not self.pending:
+            done.set_result(None)
 
 
 def _unavailable(url: NatsUrl, doing: str, error: BaseException) -> Unavailable:
@@ -180,14 +251,10 @@ class NatsStream:
 
     def __init__(
         self, url: NatsUrl, *, connect_timeout: float = 2.0, ack_timeout: float = 10.0,
-        # nats-py's fetch waits for a full batch until this timeout even after the
-        # first message came, so it bounds the added latency of a quiet stream.
-        fetch_timeout: float = 0.1,
     ) -> None:
         self.url = url
         self.connect_timeout = connect_timeout
         self.ack_timeout = ack_timeout
-        self.fetch_timeout = fetch_timeout
         # Publishing and subscribing use separate connections, so that dropping the
         # publisher's after a failure leaves running subscriptions alone.
         self._links: dict[str, _Link] = {}
@@ -309,16 +376,21 @@ class NatsStream:
             return
         link = await self._link("publish")
         try:
+            acks = link.acks
+            if acks is None:
+                acks = link.acks = _Acks(link.client)
+                await acks.start()
+            publish = link.client.publish
             for start in range(0, len(envelopes), PUBLISH_WINDOW):
+                window = acks.window()
                 # Enqueued one after another, so they go out in position order.
-                acks = [
-                    await link.js.publish_async(
-                        self.subject_of(e), orjson.dumps(e.to_dict()),
+                for e in envelopes[start : start + PUBLISH_WINDOW]:
+                    await publish(
+                        self.subject_of(e), orjson.dumps(e.to_dict()), reply=acks.reply_to(),
                         headers={"Nats-Msg-Id": e.event_id},
                     )
-                    for e in envelopes[start : start + PUBLISH_WINDOW]
-                ]
-                await self._acknowledged(link, acks)
+                acks.sent()
+                await self._acknowledged(link, window)
         except BaseException as error:
             # Whatever went wrong (even a cancellation), this connection may have
             # sent part of the batch: it must not send anything more.
@@ -327,23 +399,20 @@ class NatsStream:
                 raise _unavailable(self.url, "publishing", error) from error
             raise
 
-    async def _acknowledged(self, link: _Link, acks: list[asyncio.Future[Any]]) -> None:
-        """Wait for every ack; fail at once if the connection closes meanwhile."""
-        all_acked: asyncio.Future[Any] = asyncio.gather(*acks)
+    async def _acknowledged(self, link: _Link, window: asyncio.Future[None]) -> None:
+        """Wait for every ack of the window; fail at once if the connection closes."""
         closed: asyncio.Future[Any] = asyncio.ensure_future(link.closed.wait())
         try:
             done, _ = await asyncio.wait(
-                (all_acked, closed), timeout=self.ack_timeout,
+                (window, closed), timeout=self.ack_timeout,
                 return_when=asyncio.FIRST_COMPLETED,
             )
         finally:
             closed.cancel()
-        if all_acked in done:
-            all_acked.result()  # raises the broker's refusal, if any
+        if window in done:
+            window.result()  # raises the broker's refusal, if any
             return
-        all_acked.cancel()
-        with contextlib.suppress(BaseException):
-            await all_acked
+        window.cancel()
         if closed in done:
             raise nats.errors.ConnectionClosedError()
         raise TimeoutError(f"no acknowledgement within {self.ack_timeout}s")
@@ -367,11 +436,14 @@ class NatsStream:
         filter_subject = f"{self.url.subject}.{partition}" if own_partitions else None
 
         link = await self._link("subscribe")
-        name, sub = await self._open_consumer(link.js, filter_subject, after, consumer)
+        name = await self._open_consumer(link.js, filter_subject, after, consumer)
+        puller = _Puller(link, self.url, name, self.url.batch)
+        acked: Msg | None = None
         last = after
         try:
+            await puller.start()
             while True:
-                messages = await self._fetch(link, sub)
+                messages = await puller.take()
                 batch = []
                 for msg in messages:
                     envelope = self._envelope(msg)
@@ -385,14 +457,19 @@ class NatsStream:
                     yield batch
                 # Back here only after the caller finished with the batch.
                 if consumer is not None and messages:
-                    await self._ack(link, messages[-1])  # acknowledges all up to it
+                    await self._ack(messages[-1])  # acknowledges all up to it
+                    acked = messages[-1]
         finally:
-            await self._close_consumer(link, name, sub, durable=consumer is not None)
+            if acked is not None:
+                await self._confirm_ack(link, acked)
+            await puller.stop()
+            if consumer is None:
+                await self._delete_consumer(link, name)
 
     async def _open_consumer(
         self, js: JetStreamContext, filter_subject: str | None, after: int,
         durable: str | None,
-    ) -> tuple[str, JetStreamContext.PullSubscription]:
+    ) -> str:
         stream = self.url.stream
         try:
             start = await self._resume_at(js, durable, after) if durable else 1
@@ -414,10 +491,9 @@ class NatsStream:
                 inactive_threshold=None if durable else EPHEMERAL_IDLE_SECONDS,
             )
             await js.add_consumer(stream, config)
-            sub = await js.pull_subscribe_bind(consumer=name, stream=stream)
         except (nats.errors.Error, OSError, TimeoutError) as error:
             raise _unavailable(self.url, "opening a consumer", error) from error
-        return name, sub
+        return name
 
     async def _resume_at(self, js: JetStreamContext, durable: str, after: int) -> int:
         """The stream sequence a durable consumer resumes from: after its acknowledged floor.
@@ -452,26 +528,23 @@ class NatsStream:
                 "event store"
             )
 
-    async def _fetch(self, link: _Link, sub: JetStreamContext.PullSubscription) -> list[Msg]:
-        if link.client.is_closed:
-            raise Unavailable(f"NATS at {self.url.address}: the connection was closed")
+    async def _ack(self, msg: Msg) -> None:
+        # Sent without waiting for the broker: the caller has committed the batch, so
+        # an acknowledgement lost with a connection only brings the batch again,
+        # dropped by position. A clean stop confirms the last one (`_confirm_ack`).
         try:
-            return await sub.fetch(self.url.batch, timeout=self.fetch_timeout)
-        except (nats.errors.TimeoutError, TimeoutError):
-            # nats-py raises either kind when nothing came in time; the builtin one is
-            # an OSError, so it must be caught before the clause below.
-            return []  # nothing new yet; fetching again re-checks the connection
+            await msg.ack()
         except (nats.errors.Error, OSError) as error:
-            raise _unavailable(self.url, "fetching", error) from error
-
-    async def _ack(self, link: _Link, msg: Msg) -> None:
-        # Waiting for the broker (one round trip per batch) means a subscriber that
-        # stops cleanly leaves an exact floor for the next one to resume from.
-        try:
-            await msg.ack_sync(timeout=self.ack_timeout)
-        except (nats.errors.Error, OSError) as error:
-            # Unacknowledged, the batch comes again and is dropped as already seen.
             raise _unavailable(self.url, "acknowledging", error) from error
+
+    async def _confirm_ack(self, link: _Link, msg: Msg) -> None:
+        """Wait until the broker has the last acknowledgement: the next subscriber then
+        resumes exactly after what was committed (see `_resume_at`)."""
+        if link.client.is_closed:
+            return
+        msg._ackd = False  # nats-py refuses a second ack otherwise; the broker answers it
+        with contextlib.suppress(Exception):
+            await msg.ack_sync(timeout=min(self.ack_timeout, 2.0))
 
     def _envelope(self, msg: Msg) -> Envelope | None:
         try:
@@ -481,15 +554,151 @@ class NatsStream:
                       msg.subject, error)
             return None
 
-    async def _close_consumer(
-        self, link: _Link, name: str, sub: JetStreamContext.PullSubscription, *, durable: bool
-    ) -> None:
+    async def _delete_consumer(self, link: _Link, name: str) -> None:
         if link.client.is_closed:
             return
         with contextlib.suppress(Exception):
-            await sub.unsubscribe()
-            if not durable:
-                await link.js.delete_consumer(self.url.stream, name)
+            await link.js.delete_consumer(self.url.stream, name)
+
+
+class _Puller:
+    """Reads a pull consumer, asking for the next batch while the caller is still busy
+    with the previous one.
+
+    nats-py's `fetch` asks anew when the caller comes back (a round trip before the
+    next batch can start) and takes each message through a task of its own. Here a
+    callback collects the messages, and a request is kept open:
+    - after handing over a batch, a `no_wait` request asks for what the stream holds
+      now; the broker sends it and ends the request (by count, or with a 404 or 408
+      status), so a batch is everything that was there, as with `fetch`;
+    - when such a request found nothing, a lingering request waits (up to
+      `_PULL_EXPIRES_SECONDS`) and `take` returns from its first message on, so a
+      quiet stream adds no latency.
+    """
+
+    def __init__(self, link: _Link, url: NatsUrl, consumer: str, batch: int) -> None:
+        self.link = link
+        self.url = url
+        self.next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{url.stream}.{consumer}"
+        self.batch = batch
+        self.inbox = ""
+        self.sub: Any = None
+        self.buffer: list[Msg] = []
+        # The open request: whether there is one, whether it lingers, how many messages
+        # it may still bring, how many it brought, and when it is over at the latest.
+        self.open = False
+        self.lingering = False
+        self.outstanding = 0
+        self.brought = 0
+        self.found_nothing = False
+        self.expires_at = 0.0
+        self.error: Unavailable | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._closed_watch: asyncio.Future[Any] | None = None
+
+    async def start(self) -> None:
+        client = self.link.client
+        self.inbox = client.new_inbox()
+        try:
+            self.sub = await client.subscribe(
+                self.inbox, cb=self._on_msg, pending_msgs_limit=4 * self.batch + 64
+            )
+        except (nats.errors.Error, OSError, TimeoutError) as error:
+            raise _unavailable(self.url, "fetching", error) from error
+        self._closed_watch = asyncio.ensure_future(self.link.closed.wait())
+        self._closed_watch.add_done_callback(lambda _: self._wake())
+        await self._request()
+
+    async def stop(self) -> None:
+        if self._closed_watch is not None:
+            self._closed_watch.cancel()
+        if self.sub is not None and not self.link.client.is_closed:
+            with contextlib.suppress(Exception):
+                await self.sub.unsubscribe()
+
+    async def take(self) -> list[Msg]:
+        """At least one message (waiting as long as it takes), at most a batch."""
+        loop = asyncio.get_running_loop()
+        while not (self.buffer and (not self.open or self.lingering)):
+            if self.error is not None:
+                raise self.error
+            if self.link.client.is_closed:
+                raise Unavailable(f"NATS at {self.url.address}: the connection was closed")
+            if self.open and loop.time() > self.expires_at:
+                # The broker ends every request it holds with a status: this one was
+                # dropped, as happens to requests for a consumer deleted meanwhile.
+                raise Unavailable(
+                    f"NATS at {self.url.address} (stream {self.url.stream}): a pull request "
+                    "got no answer (was the consumer deleted?)"
+                )
+            if not self.open and not self.buffer:
+                await self._request()
+            self._waiter = loop.create_future()
+            # A plain future with a timer, not asyncio.wait_for: on Python 3.11 that can
+            # lose a cancellation that races with a result.
+            timer = loop.call_later(_PULL_CHECK_SECONDS, self._wake)
+            try:
+                await self._waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+        taken, self.buffer = self.buffer[: self.batch], self.buffer[self.batch :]
+        if not self.open:
+            await self._request()  # the next batch comes while the caller works
+        return taken
+
+    async def _request(self) -> None:
+        """Ask for what the buffer has room for: at once, or lingering if the last
+        request found nothing."""
+        wanted = self.batch - len(self.buffer)
+        if wanted <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        request: dict[str, Any] = {"batch": wanted}
+        if self.found_nothing:
+            request["expires"] = int(_PULL_EXPIRES_SECONDS * 1e9)
+        else:
+            request["no_wait"] = True
+        try:
+            await self.link.client.publish(
+                self.next_subject, orjson.dumps(request), reply=self.inbox
+            )
+        except (nats.errors.Error, OSError) as error:
+            raise _unavailable(self.url, "fetching", error) from error
+        self.open = True
+        self.lingering = self.found_nothing
+        self.outstanding = wanted
+        self.brought = 0
+        # By then the broker has ended the request, unless it dropped it.
+        self.expires_at = loop.time() + _PULL_EXPIRES_SECONDS + 2.0
+
+    def _ended(self) -> None:
+        self.open = False
+        self.found_nothing = self.brought == 0
+
+    async def _on_msg(self, msg: Msg) -> None:
+        status = msg.headers.get("Status") if msg.headers else None
+        if status is None:
+            self.buffer.append(msg)
+            self.brought += 1
+            self.outstanding -= 1
+            if self.outstanding <= 0:
+                self._ended()
+        elif status in ("404", "408"):
+            if self.open:
+                self._ended()  # nothing (more) to send now, or the request expired
+        elif status != "100":  # 100: a heartbeat; anything else: the consumer is gone
+            description = msg.headers.get("Description", "") if msg.headers else ""
+            self.error = Unavailable(
+                f"NATS at {self.url.address} (stream {self.url.stream}): fetching failed: "
+                f"{status} {description}".strip()
+            )
+            self.open = False
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
 
 async def _message_data(js: JetStreamContext, stream: str, seq: int) -> bytes:
