@@ -9,9 +9,14 @@ server is a broken setup, not a reason to skip).
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import subprocess
+import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -99,3 +104,83 @@ def postgres_schemas(postgres_dsn: str) -> Iterator[Callable[..., str]]:
 def postgres_url(postgres_schemas: Callable[..., str]) -> str:
     """A store URL in a schema of its own, dropped after the test."""
     return postgres_schemas()
+
+
+# ----------------------------------------------------------- Cosmos DB stand-in
+
+COSMOS_KEY_ENV = "CQRSKIT_COSMOS_KEY"
+# The Azure Cosmos DB emulator's published key; the stand-in accepts any key, the
+# SDK only needs a well-formed one to sign its requests with.
+COSMOS_EMULATOR_KEY = (
+    "C2y6yDjf5/R+ob0N8A7Cgv30VRDJIWEHLM+4QDU5DE2nQ9nDuVTqobD4b8mGGyPMbIZnqyMsEcaGQy67XIw/Jw=="
+)
+COSMOS_STANDIN = Path(__file__).resolve().parent.parent / "scripts" / "cosmos-standin"
+
+
+def _not_available(reason: str) -> None:
+    if os.environ.get("CQRSKIT_REQUIRE_SERVICES") == "1":
+        pytest.fail(f"{reason} (CQRSKIT_REQUIRE_SERVICES=1)", pytrace=False)
+    pytest.skip(reason)
+
+
+@dataclass(frozen=True)
+class CosmosStandIn:
+    """The running stand-in (`scripts/cosmos-standin`): URLs of fresh databases on it."""
+
+    port: int
+
+    def url(self, database: str) -> str:
+        return (f"cosmos://127.0.0.1:{self.port}?database={database}&tls=false"
+                f"&key_env={COSMOS_KEY_ENV}")
+
+    def new_url(self) -> str:
+        """A database of its own (created on first use): tests never share data."""
+        return self.url(f"t{uuid.uuid4().hex[:16]}")
+
+    def key_env(self) -> dict[str, str]:
+        """The environment variable with the key, for a child process."""
+        return {COSMOS_KEY_ENV: os.environ[COSMOS_KEY_ENV]}
+
+
+@pytest.fixture(scope="session")
+def cosmos_standin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CosmosStandIn]:
+    """One stand-in server (npm @vercel/cosmosdb-server, in memory) for the session."""
+    pytest.importorskip("azure.cosmos", reason="install the cosmos extra: pip install -e '.[dev]'")
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        _not_available("the Cosmos DB stand-in needs node and npm (apt-get install nodejs npm)")
+    installed = subprocess.run(
+        [str(COSMOS_STANDIN), "--install"], capture_output=True, text=True, timeout=600,
+        stdin=subprocess.DEVNULL, check=False,
+    )
+    if installed.returncode != 0:
+        _not_available(f"installing the Cosmos DB stand-in failed: {installed.stderr[-2000:]}")
+    os.environ.setdefault(COSMOS_KEY_ENV, COSMOS_EMULATOR_KEY)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    log_path = tmp_path_factory.mktemp("cosmos-standin") / "server.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [str(COSMOS_STANDIN), str(port)], stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    _not_available(
+                        f"the Cosmos DB stand-in did not start: {log_path.read_text()[-2000:]}"
+                    )
+                time.sleep(0.05)
+        yield CosmosStandIn(port)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

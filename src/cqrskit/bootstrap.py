@@ -117,8 +117,9 @@ def relay_state(store: EventStore) -> RelayState:
     if isinstance(store, SqliteEventStore):
         return SqliteRelayState(store)
     if type(store).__module__ == "cqrskit.stores.cosmos_events":
-        # Imported only for a Cosmos store: the azure extra may not be installed.
-        from cqrskit.stores.cosmos_events import CosmosEventStore, CosmosRelayState
+        # Imported only for a Cosmos store: the cosmos extra may not be installed.
+        from cqrskit.stores.cosmos_events import CosmosEventStore
+        from cqrskit.stores.cosmos_relay import CosmosRelayState
 
         assert isinstance(store, CosmosEventStore)
         return CosmosRelayState(store)

@@ -1,4 +1,5 @@
-"""The `backend` fixture: every contract test runs once on SQLite and once on PostgreSQL.
+"""The `backend` fixture: every contract test runs on SQLite, PostgreSQL and Cosmos DB
+(the local stand-in, `scripts/cosmos-standin`).
 
 A test that documents a bug of one adapter says so with
 `@pytest.mark.xfail_backend("postgres", reason="BUG: ...")`: it is a strict xfail
@@ -15,7 +16,7 @@ import pytest
 
 from cqrskit.ports import Collection, EventStore, ViewStore
 
-BACKENDS = ("sqlite", "postgres")
+BACKENDS = ("sqlite", "postgres", "cosmos")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -53,6 +54,10 @@ class Backend:
             from cqrskit.stores.sqlite import SqliteEventStore
 
             store = SqliteEventStore.from_url(self.command_url)
+        elif self.name == "cosmos":
+            from cqrskit.stores.cosmos_events import CosmosEventStore
+
+            store = await CosmosEventStore.open(self.command_url)
         else:
             from cqrskit.stores.postgres import PostgresEventStore
 
@@ -66,6 +71,10 @@ class Backend:
             from cqrskit.stores.sqlite import SqliteViewStore
 
             views = SqliteViewStore.from_url(self.query_url)
+        elif self.name == "cosmos":
+            from cqrskit.stores.cosmos_views import CosmosViewStore
+
+            views = await CosmosViewStore.open(self.query_url)
         else:
             from cqrskit.stores.postgres import PostgresViewStore
 
@@ -91,6 +100,9 @@ async def backend(
         made = Backend(
             "sqlite", f"sqlite:///{tmp_path / 'command.db'}", f"sqlite:///{tmp_path / 'query.db'}"
         )
+    elif request.param == "cosmos":
+        url = request.getfixturevalue("cosmos_standin").new_url()
+        made = Backend("cosmos", url, url)
     else:
         new_url: Callable[..., str] = request.getfixturevalue("postgres_schemas")
         url = new_url()
