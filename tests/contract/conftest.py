@@ -1,5 +1,6 @@
 """The `backend` fixture: every contract test runs on SQLite, PostgreSQL and Cosmos DB
-(the local stand-in, `scripts/cosmos-standin`).
+(the local stand-in, `scripts/cosmos-standin`), and on a real Azure Cosmos DB account
+when CQRSKIT_TEST_AZURE_COSMOS_URL names one (`pytest -m azure`; skipped otherwise).
 
 A test that documents a bug of one adapter says so with
 `@pytest.mark.xfail_backend("postgres", reason="BUG: ...")`: it is a strict xfail
@@ -8,15 +9,19 @@ for that backend only, so the fix shows up as an unexpected pass.
 
 from __future__ import annotations
 
+import os
+import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import pytest
 
 from cqrskit.ports import Collection, EventStore, ViewStore
 
-BACKENDS = ("sqlite", "postgres", "cosmos")
+AZURE_COSMOS_URL = "CQRSKIT_TEST_AZURE_COSMOS_URL"
+BACKENDS = ("sqlite", "postgres", "cosmos", pytest.param("azure-cosmos", marks=pytest.mark.azure))
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -103,9 +108,37 @@ async def backend(
     elif request.param == "cosmos":
         url = request.getfixturevalue("cosmos_standin").new_url()
         made = Backend("cosmos", url, url)
+    elif request.param == "azure-cosmos":
+        async for made in _live_cosmos():
+            yield made
+        return
     else:
         new_url: Callable[..., str] = request.getfixturevalue("postgres_schemas")
         url = new_url()
         made = Backend("postgres", url, url)
     yield made
     await made.close_all()
+
+
+async def _live_cosmos() -> AsyncIterator[Backend]:
+    """A database of its own on the live account, deleted afterwards."""
+    base = os.environ.get(AZURE_COSMOS_URL)
+    if not base:
+        pytest.skip(f"live Azure suite: set {AZURE_COSMOS_URL} to "
+                    "cosmos://<account>.documents.azure.com?key_env=<VARIABLE> to run it")
+    parts = urlsplit(base)
+    options = {**dict(parse_qsl(parts.query)), "database": f"t{uuid.uuid4().hex[:16]}"}
+    url = urlunsplit(parts._replace(query=urlencode(options)))
+    made = Backend("cosmos", url, url)
+    try:
+        yield made
+    finally:
+        await made.close_all()
+        from cqrskit.stores.cosmos import CosmosUrl, open_database
+
+        parsed = CosmosUrl.parse(url)
+        account = await open_database(parsed)
+        try:
+            await account.client.delete_database(parsed.database)
+        finally:
+            await account.close()
