@@ -244,7 +244,7 @@ def configure(exporter: str, service_name: str) -> None:
 
 
 def _configure_sdk(chosen: str, resource: Any, prometheus: Any) -> None:
-    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
     from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
@@ -261,7 +261,11 @@ def _configure_sdk(chosen: str, resource: Any, prometheus: Any) -> None:
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
         span_exporter = ConsoleSpanExporter()
-    meter_provider = MeterProvider(metric_readers=readers, resource=resource)
+    # No exemplars: they would tie each measurement to the current span, a cost on
+    # every command that neither /metrics (Prometheus text) nor OTLP users here read.
+    meter_provider = MeterProvider(
+        metric_readers=readers, resource=resource, exemplar_filter=AlwaysOffExemplarFilter()
+    )
     metrics.set_meter_provider(meter_provider)
     _shutdown.append(meter_provider.shutdown)
     if span_exporter is None:

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fastapi import FastAPI
 
@@ -47,8 +47,8 @@ COMMAND_ROUTES = ("serve", "api", "command-handler")
 QUERY_ROUTES = ("serve", "api", "query-handler")
 DEAD_LETTER_ROUTES = ("serve", "api")
 DASHBOARD = ("serve", "api", "query-handler")
-# Probes, scrapes and the dashboard's own status stream are not traced.
-UNTRACED = "healthz,readyz,metrics,api/status,dashboard"
+# Probes, scrapes and the dashboard (its page and its status stream) are not traced.
+UNTRACED = ("/healthz", "/readyz", "/metrics", "/api/status", "/dashboard")
 
 
 def _running(service: T | None) -> T:
@@ -133,6 +133,11 @@ def create_app(
         summary="Commands in, events through a durable stream, queries out.",
         version="0.1.0",
         lifespan=lifespan,
+        # FastAPI's own OpenTelemetry: a server span and request metrics per request,
+        # through the global providers (looked up per request, so `telemetry.configure`
+        # or a test's provider may come after the app). One span per request: the
+        # operation spans (dependencies, serialisation) would triple a command's spans.
+        telemetry={"operation_spans": False, "logs": False, "exclude": _untraced},
     )
     errors.install(app)
     app.add_middleware(errors.BodyLimit, limit=settings.max_body_bytes)
@@ -150,23 +155,12 @@ def create_app(
             app.include_router(dead_letters_elsewhere_router())
     if role in DASHBOARD:
         app.include_router(dashboard_router(services.status))
-    _instrument(app)
     return app
 
 
-def _instrument(app: FastAPI) -> None:
-    """A span and request metrics per HTTP request, through the global providers.
-
-    The providers are looked up when a request comes, so `telemetry.configure`
-    (or a test's own provider) may be installed after the app is built.
-    """
-    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
-
-    # One span per request: the ASGI send/receive spans say nothing an operator needs
-    # and would double the spans a command makes.
-    FastAPIInstrumentor.instrument_app(
-        app, excluded_urls=UNTRACED, exclude_spans=["receive", "send"]
-    )
+def _untraced(scope: MutableMapping[str, Any]) -> bool:
+    path: str = scope.get("path", "")
+    return path == "/" or path.startswith(UNTRACED)
 
 
 def _set_services(
