@@ -5,7 +5,9 @@ InsertRecord commands to it, each waiting for its 202 before the next. Cases:
 - telemetry none (the default; the baseline): metrics at /metrics, no spans;
 - OTLP exporter on: every request, command, append and projection is a span,
   batched and exported over OTLP/HTTP to a receiver that discards them (in this
-  benchmark's process, so the export's network cost is paid here too).
+  benchmark's process, so the export's network cost is paid here too);
+- the same with one trace in ten kept (`parentbased_traceidratio`, 0.1): the
+  usual production setting, since the metrics count every command anyway.
 Each case gets a fresh server, data directory and telemetry setup, interleaved
 per run so both share the machine's state.
 """
@@ -33,6 +35,7 @@ NAME = "telemetry"
 CLIENTS = 8
 BASELINE = f"HTTP insert · {CLIENTS} clients · telemetry none"
 OTLP = f"HTTP insert · {CLIENTS} clients · OTLP exporter"
+SAMPLED = f"HTTP insert · {CLIENTS} clients · OTLP exporter, 10% of traces"
 
 
 class _Discard(BaseHTTPRequestHandler):
@@ -135,4 +138,8 @@ def run(size: Size, workdir: Path) -> list[Measurement]:
         return [
             _case(BASELINE, workdir / "none", commands, {"CQRSKIT_TELEMETRY": "none"}),
             _case(OTLP, workdir / "otlp", commands, otlp_env),
+            _case(SAMPLED, workdir / "sampled", commands, {
+                **otlp_env, "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                "OTEL_TRACES_SAMPLER_ARG": "0.1",
+            }),
         ]
