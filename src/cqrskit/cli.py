@@ -22,6 +22,8 @@ from cqrskit.errors import CqrskitError
 if TYPE_CHECKING:
     import subprocess
 
+    from cqrskit.api.auth import ApiKeys
+
 T = TypeVar("T")
 console = Console()
 
@@ -140,6 +142,7 @@ def serve(host: str | None, port: int | None, data_dir: Path | None) -> None:
     from cqrskit.api.app import create_app
 
     settings = _settings(data_dir, host=host, port=port)
+    _refuse_exposed(settings)
     _setup(settings, "serve")
     try:
         app = create_app(settings)
@@ -154,6 +157,16 @@ def serve(host: str | None, port: int | None, data_dir: Path | None) -> None:
         app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
         access_log=False,
     )
+
+
+def _refuse_exposed(settings: Settings) -> None:
+    """Secure default: listening beyond loopback needs CQRSKIT_AUTH (see docs/security.md)."""
+    from cqrskit.api.auth import refuse_exposed_without_auth
+
+    try:
+        refuse_exposed_without_auth(settings)
+    except CqrskitError as error:
+        raise click.ClickException(str(error)) from None
 
 
 # ------------------------------------------------------------ separate roles
@@ -221,6 +234,7 @@ def _serve_http(role: str, host: str | None, port: int | None) -> None:
     from cqrskit.api.app import create_app
 
     settings = _settings(None, host=host, port=port)
+    _refuse_exposed(settings)
     _setup(settings, role)
     try:
         app = create_app(settings, role=role)
@@ -301,6 +315,7 @@ def up(
     in CQRSKIT_STREAM. Stops them all on Ctrl-C or SIGTERM.
     """
     settings = _settings(None, host=host, port=port)
+    _refuse_exposed(settings)
     _setup_logging(settings.log_level)
     try:
         topology = _Topology(
@@ -618,6 +633,77 @@ async def dead_letters_skip(runtime: Any, dead_letter_id: int) -> None:
 
     d = await skip_dead_letter(runtime.views, dead_letter_id)
     console.print(f"skipped {d.envelope.type} {d.stream_id} v{d.envelope.version}")
+
+
+# ------------------------------------------------------------------- API keys
+
+keys_file_option = click.option(
+    "--keys-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+    help="The API keys file [env CQRSKIT_API_KEYS_FILE].",
+)
+
+
+def _api_keys(keys_file: Path | None) -> ApiKeys:
+    from cqrskit.api.auth import ApiKeys
+
+    path = keys_file or Settings().api_keys_file
+    if path is None:
+        raise click.ClickException("pass --keys-file or set CQRSKIT_API_KEYS_FILE")
+    return ApiKeys(path)
+
+
+@main.group()
+def keys() -> None:
+    """Create, list and revoke API keys (used when CQRSKIT_AUTH includes keys).
+
+    The file holds only a hash of each key; a key is shown once, when created.
+    Servers re-read the file when it changes: a revoked key stops working at once.
+    """
+
+
+@keys.command("create")
+@click.option("--name", required=True, help="Who or what the key is for.")
+@click.option("--scope", "scopes", multiple=True, required=True,
+              type=click.Choice(["commands:write", "queries:read", "admin"]),
+              help="A scope the key grants; repeat for more.")
+@keys_file_option
+def keys_create(name: str, scopes: tuple[str, ...], keys_file: Path | None) -> None:
+    """Create a key and print it once (it is not stored; keep it now)."""
+    store = _api_keys(keys_file)
+    try:
+        record, key = store.create(name, list(scopes))
+    except CqrskitError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(key)
+    click.echo(f"created key {record['id']} ({name}: {', '.join(record['scopes'])}); "
+               "it is shown only now", err=True)
+
+
+@keys.command("list")
+@keys_file_option
+def keys_list(keys_file: Path | None) -> None:
+    """Every key's id, name, scopes and state; never the secrets."""
+    records = _api_keys(keys_file).records()
+    if not records:
+        console.print("no API keys")
+        return
+    table = Table("id", "name", "scopes", "created", "revoked")
+    for record in records.values():
+        table.add_row(record["id"], record["name"], " ".join(record["scopes"]),
+                      record["created_at"], record["revoked_at"] or "-")
+    console.print(table)
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+@keys_file_option
+def keys_revoke(key_id: str, keys_file: Path | None) -> None:
+    """Revoke the key KEY_ID for good."""
+    try:
+        record = _api_keys(keys_file).revoke(key_id)
+    except CqrskitError as error:
+        raise click.ClickException(str(error)) from None
+    console.print(f"revoked key {record['id']} ({record['name']})", highlight=False)
 
 
 if __name__ == "__main__":  # `python -m cqrskit.cli`: how `cqrskit up` starts its roles

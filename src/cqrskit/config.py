@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # A handler service's base URL: http(s)://host[:port][/path], no query or fragment.
@@ -94,6 +94,52 @@ class Settings(BaseSettings):
         description="seconds between reads of the pipeline status (lag, dead letters) for the "
         "dashboard and the lag metrics",
     )
+
+    auth: str = Field(
+        default="none", pattern="^(none|keys|oidc|keys,oidc|oidc,keys)$",
+        description="how HTTP callers authenticate: none, keys (X-API-Key), oidc (a JWT "
+        "bearer from Entra ID or any OpenID Connect issuer), or keys,oidc; see docs/security.md",
+    )
+    allow_unauthenticated: bool = Field(
+        default=False,
+        description="DANGEROUS: with CQRSKIT_AUTH=none, listen on an address other than "
+        "loopback anyway (anyone who reaches the port may write and read everything)",
+    )
+    api_keys_file: Path | None = Field(
+        default=None,
+        description="JSON file of hashed API keys, written by `cqrskit keys` and read by "
+        "every process (re-read when it changes)",
+    )
+    handler_api_key: SecretStr | None = Field(
+        default=None,
+        description="API key `cqrskit api` sends to the query handler when it reads the "
+        "dashboard status itself (needs queries:read)",
+    )
+    oidc_issuer: str = Field(
+        default="", description="OIDC issuer URL; tokens' iss must equal it "
+        "(Entra ID: https://login.microsoftonline.com/<tenant>/v2.0)",
+    )
+    oidc_audience: str = Field(
+        default="", description="the aud tokens must carry (Entra ID: the API's client id "
+        "or Application ID URI)",
+    )
+    oidc_jwks_url: str = Field(
+        default="", description="where the issuer's signing keys are (default: jwks_uri "
+        "from <issuer>/.well-known/openid-configuration)",
+    )
+    oidc_scopes_claim: str = Field(
+        default="scp,roles", description="comma-separated token claims that grant scopes: "
+        "a space-separated string (scp) or a list (roles)",
+    )
+    oidc_leeway: float = Field(
+        default=30.0, ge=0, le=300,
+        description="seconds of clock skew allowed on a token's exp, nbf and iat",
+    )
+
+    @property
+    def auth_modes(self) -> frozenset[str]:
+        """The enabled authentication methods; empty when CQRSKIT_AUTH=none."""
+        return frozenset(self.auth.split(",")) - {"none"}
 
     @property
     def command_db_url(self) -> str:

@@ -23,6 +23,7 @@ SUBCOMMANDS = [
     ("dead-letters",), ("dead-letters", "list"), ("dead-letters", "retry"),
     ("dead-letters", "skip"), ("api",), ("command-handler",), ("query-handler",),
     ("update-processor",), ("relay",), ("leases",), ("up",), ("status",),
+    ("keys",), ("keys", "create"), ("keys", "list"), ("keys", "revoke"),
 ]
 
 

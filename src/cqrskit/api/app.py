@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 from fastapi import FastAPI
 
 from cqrskit.api import errors
+from cqrskit.api.auth import ADMIN, COMMANDS_WRITE, QUERIES_READ, Authenticator
 from cqrskit.api.dashboard import dashboard_router
 from cqrskit.api.forwarding import Forwarder, open_client
 from cqrskit.api.operations import (
@@ -141,20 +142,32 @@ def create_app(
     )
     errors.install(app)
     app.add_middleware(errors.BodyLimit, limit=settings.max_body_bytes)
+    auth = Authenticator(settings)
     commands = services.commands if role in COMMAND_ROUTES else None
     queries = services.queries if role in QUERY_ROUTES else None
     for domain in registry.domains:
-        app.include_router(domain_router(domain, commands, queries))
+        if commands is not None:
+            app.include_router(domain_router(domain, commands, None),
+                               dependencies=auth.requires(COMMANDS_WRITE))
+        if queries is not None:
+            app.include_router(domain_router(domain, None, queries),
+                               dependencies=auth.requires(QUERIES_READ))
+    # Probes and scrapes stay open: orchestrators and Prometheus call them without
+    # credentials, and they reveal only health and counters.
     app.include_router(health_router(services.readiness))
     if queries is not None:
-        app.include_router(command_status_router(queries))
+        app.include_router(command_status_router(queries),
+                           dependencies=auth.requires(QUERIES_READ))
     if role in DEAD_LETTER_ROUTES:
         if "queries" in local:
-            app.include_router(dead_letters_router(registry, services.views))
+            app.include_router(dead_letters_router(registry, services.views),
+                               dependencies=auth.requires(ADMIN))
         else:
-            app.include_router(dead_letters_elsewhere_router())
+            app.include_router(dead_letters_elsewhere_router(), dependencies=auth.requires(ADMIN))
     if role in DASHBOARD:
-        app.include_router(dashboard_router(services.status))
+        # The page and its files hold no data and stay open; the status routes need
+        # queries:read (so with auth on, the page shows no figures: docs/security.md).
+        app.include_router(dashboard_router(services.status, auth.requires(QUERIES_READ)))
     return app
 
 
@@ -182,7 +195,11 @@ def _set_services(
         services.command_service = commands
         services.forwarders.append(commands)
     if settings.query_handler_url:
-        queries = Forwarder(client, settings.query_handler_url, "query handler")
+        queries = Forwarder(
+            client, settings.query_handler_url, "query handler",
+            api_key=settings.handler_api_key.get_secret_value()
+            if settings.handler_api_key else None,
+        )
         services.query_service = queries
         services.forwarders.append(queries)
         # The dashboard's status comes from the query handler, which has the stores.

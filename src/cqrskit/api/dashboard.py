@@ -23,7 +23,7 @@ _STATIC = resources.files("cqrskit.api") / "static"
 _ASSETS = {"dashboard.js": "text/javascript", "dashboard.css": "text/css"}
 
 
-def dashboard_router(sampler: SamplerRef) -> APIRouter:
+def dashboard_router(sampler: SamplerRef, status_dependencies: list[Any]) -> APIRouter:
     router = APIRouter()
 
     @router.get("/", include_in_schema=False)
@@ -37,7 +37,7 @@ def dashboard_router(sampler: SamplerRef) -> APIRouter:
         return Response((_STATIC / asset).read_bytes(), media_type=_ASSETS[asset])
 
     @router.get(
-        "/api/status", tags=["operations"],
+        "/api/status", tags=["operations"], dependencies=status_dependencies,
         summary="Lag per projection and partition, dead letters, leases, recent events",
         responses=error_responses(_503="the status has not been read yet; retry in a second"),
     )
@@ -48,7 +48,7 @@ def dashboard_router(sampler: SamplerRef) -> APIRouter:
         return latest
 
     @router.get(
-        "/api/status/stream", tags=["operations"],
+        "/api/status/stream", tags=["operations"], dependencies=status_dependencies,
         summary="The same status as server-sent events, one each time it is read",
         response_class=StreamingResponse,
     )

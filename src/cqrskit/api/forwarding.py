@@ -26,9 +26,10 @@ log = logging.getLogger(__name__)
 
 # Request headers the handler needs: idempotency, correlation, read-your-writes, tracing
 # (the client's trace context, unless this process traces: then its own request span's).
+# The caller's credentials go on too, so a handler enforces the same scopes itself.
 PASSED_ON = (
     "content-type", "idempotency-key", "x-correlation-id", "x-consistency-token",
-    "traceparent", "tracestate",
+    "traceparent", "tracestate", "authorization", "x-api-key",
 )
 # Answer headers the client needs; the rest (server, date, length) belong to the hop.
 PASSED_BACK = ("content-type", "location", "idempotent-replayed", "x-consistency", "retry-after")
@@ -54,8 +55,12 @@ class Forwarder:
     It is both a CommandService and a QueryService: each passes the request on.
     """
 
-    def __init__(self, client: httpx.AsyncClient, url: str, name: str) -> None:
+    def __init__(
+        self, client: httpx.AsyncClient, url: str, name: str, *, api_key: str | None = None
+    ) -> None:
         self.client = client
+        # This process's own key, for the status it reads with no caller behind it.
+        self.own_headers = {"X-API-Key": api_key} if api_key else {}
         self.url = url.rstrip("/")
         self.name = name  # "command handler" or "query handler", for messages
 
@@ -113,7 +118,8 @@ class Forwarder:
 
     async def status(self) -> dict[str, Any]:
         """The pipeline status the query handler service reads from its stores."""
-        answer = await self.client.get(self.url + "/api/status", headers=trace_headers())
+        headers = {**trace_headers(), **self.own_headers}
+        answer = await self.client.get(self.url + "/api/status", headers=headers)
         answer.raise_for_status()
         status: dict[str, Any] = answer.json()
         return status
