@@ -48,6 +48,10 @@ WORKLOADS: dict[str, Workload] = {
     "lag_distributed": _lazy("lag_distributed"),
     # Telemetry's cost: commands/s over HTTP with the OTLP exporter on against off.
     "telemetry": _lazy("telemetry"),
+    # Side by side with the peers: the `eventsourcing` library (the `bench` extra) on
+    # SQLite and PostgreSQL, and the HTTP command route against a bare FastAPI route.
+    "eventsourcing": _lazy("peers_eventsourcing"),
+    "http": _lazy("http_route"),
 }
 
 

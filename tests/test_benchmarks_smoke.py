@@ -17,7 +17,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # The embedded ones; the distributed ones (PostgreSQL, NATS) have a test of their own.
-WORKLOADS = ("append", "rebuild", "lag", "telemetry")
+# `eventsourcing` runs its PostgreSQL cases only where PostgreSQL is reachable (else it
+# skips them); its SQLite cases are checked here, its PostgreSQL ones below.
+WORKLOADS = ("append", "rebuild", "lag", "telemetry", "eventsourcing", "http")
 
 
 def test_every_workload_runs_at_tiny_size(tmp_path: Path) -> None:
@@ -59,6 +61,10 @@ def test_every_workload_runs_at_tiny_size(tmp_path: Path) -> None:
     assert "statistics · rebuild" in rates
     assert any("p99" in r["case"] for r in results if r["workload"] == "lag")
     assert "HTTP insert · 8 clients · OTLP exporter" in rates
+    assert "cqrskit · insert · 8 clients · SQLite NORMAL" in rates
+    assert ("eventsourcing", "eventsourcing · insert · 8 clients · SQLite NORMAL") in cases
+    assert ("http", "cqrskit serve · SQLite NORMAL · POST insert · 16 connections") in cases
+    assert ("http", "bare FastAPI · latency p99") in cases
 
 
 def test_distributed_workloads_run_at_tiny_size(
@@ -75,7 +81,7 @@ def test_distributed_workloads_run_at_tiny_size(
     out = tmp_path / "results.json"
     completed = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--size", "tiny", "--runs", "1",
-         "--json", str(out), "append_postgres", "lag_distributed"],
+         "--json", str(out), "append_postgres", "lag_distributed", "eventsourcing"],
         cwd=ROOT, capture_output=True, text=True, timeout=180, check=False,
     )
     assert completed.returncode == 0, completed.stderr
@@ -94,3 +100,5 @@ def test_distributed_workloads_run_at_tiny_size(
     assert ("append_postgres", "raw psycopg · 1 row/tx · 8 connections") in cases
     assert ("lag_distributed", "½ max · accepted → visible in all views · p99") in cases
     assert ("lag_distributed", "projection · 2 update processors") in cases
+    assert ("eventsourcing", "eventsourcing · insert · 8 clients · PostgreSQL") in cases
+    assert ("eventsourcing", "cqrskit · insert · 8 clients · PostgreSQL") in cases

@@ -1,0 +1,118 @@
+"""http: the full command route over HTTP against a bare FastAPI route, in the same run.
+
+Two servers, one after the other, each one uvicorn process with the same settings
+(`uvicorn.run`'s defaults as `cqrskit serve` uses them: one worker, the default loop
+and HTTP implementation, no access log, log level warning):
+- bare FastAPI (the baseline): `benchmarks.http_bare`, a POST route with a pydantic
+  body of InsertRecord's shape that answers 202 with a small JSON and does nothing else;
+- `cqrskit serve` on SQLite NORMAL: POST /api/command/insert, a new record each, the
+  update processor running in the same process as it does in production.
+The load comes from a separate process (`benchmarks.http_load`): 16 keep-alive
+connections, each sending one ~330-byte InsertRecord body at a time, for a fixed
+time after an unmeasured warm-up. Reported: requests/s (cqrskit's with bare FastAPI's
+as the baseline) and the latency p50 / p90 / p99 / max from an HDR histogram.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+from benchmarks.common import Measurement, Size
+from benchmarks.telemetry import _free_port
+
+NAME = "http"
+CONNECTIONS = 16
+BARE = "bare FastAPI"
+CQRSKIT = "cqrskit serve · SQLite NORMAL"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def rate_case(server: str) -> str:
+    return f"{server} · POST insert · {CONNECTIONS} connections"
+
+
+def latency_case(server: str, stat: str) -> str:
+    return f"{server} · latency {stat}"
+
+
+@contextmanager
+def _process(argv: list[str], env: dict[str, str], port: int) -> Iterator[str]:
+    """Start a server, wait for its /readyz, and stop it with SIGTERM at the end."""
+    environment = {k: v for k, v in os.environ.items()
+                   if not k.startswith(("CQRSKIT_", "OTEL_", "APPLICATIONINSIGHTS_"))}
+    environment.update(env)
+    proc = subprocess.Popen(argv, env=environment, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{argv[0]} did not start (exit {proc.poll()})")
+            time.sleep(0.05)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _load(url: str, seconds: float) -> dict[str, float]:
+    """Run the load generator in a process of its own; return what it measured."""
+    warmup = min(1.0, seconds / 2)
+    completed = subprocess.run(
+        [sys.executable, "-m", "benchmarks.http_load", url, str(CONNECTIONS), str(seconds),
+         str(warmup)],
+        cwd=ROOT, capture_output=True, text=True, timeout=seconds + warmup + 60, check=False,
+    )
+    if completed.returncode != 0:
+        raise RuntimeError(f"the load generator failed: {completed.stderr[-2000:]}")
+    result: dict[str, float] = json.loads(completed.stdout)
+    return result
+
+
+def _measure(server: str, url: str, seconds: float) -> list[Measurement]:
+    result = _load(url, seconds)
+    details = {"requests": result["requests"], "seconds": round(result["seconds"], 3)}
+    baseline = None if server == BARE else rate_case(BARE)
+    measurements = [Measurement(NAME, rate_case(server), result["rate"], "req/s",
+                                baseline=baseline, details=details)]
+    for stat in ("p50", "p90", "p99", "max"):
+        measurements.append(Measurement(NAME, latency_case(server, stat), result[stat], "ms"))
+    return measurements
+
+
+def run(size: Size, workdir: Path) -> list[Measurement]:
+    seconds = size.lag_seconds
+    bin_dir = Path(sys.executable).parent
+    port = _free_port()
+    uvicorn_argv = [str(bin_dir / "uvicorn"), "benchmarks.http_bare:app", "--host", "127.0.0.1",
+                    "--port", str(port), "--log-level", "warning", "--no-access-log"]
+    with _process(uvicorn_argv, {}, port) as url:
+        results = _measure(BARE, url, seconds)
+    port = _free_port()
+    data = workdir / "cqrskit"
+    data.mkdir()
+    env = {"CQRSKIT_DATA_DIR": str(data), "CQRSKIT_SQLITE_SYNCHRONOUS": "NORMAL",
+           "CQRSKIT_LOG_LEVEL": "WARNING", "CQRSKIT_TELEMETRY": "none"}
+    with _process([str(bin_dir / "cqrskit"), "serve", "--port", str(port)], env, port) as url:
+        results += _measure(CQRSKIT, url, seconds)
+    return results
