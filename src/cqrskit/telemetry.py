@@ -29,7 +29,7 @@ from opentelemetry.trace import Link, Span, StatusCode
 
 from cqrskit.errors import CqrskitError
 from cqrskit.messages import Envelope
-from cqrskit.status import Status
+from cqrskit.status import Lag, Status
 
 log = logging.getLogger(__name__)
 
@@ -146,54 +146,48 @@ def batch_span(
 
 # ------------------------------------------------------- lag, from status snapshots
 
-_latest: list[Status] = []
+_latest: Status | None = None
 
 
 def publish_status(status: Status) -> None:
     """Make this snapshot what the lag gauges report at the next collection."""
-    _latest[:] = [status]
+    global _latest
+    _latest = status
 
 
-def _lag_events(options: CallbackOptions) -> Iterable[Observation]:
-    for status in _latest:
-        for lag in status.lags:
-            yield Observation(lag.events, {"projection": lag.projection,
-                                           "partition": lag.partition})
+def _gauge(observe: Callable[[Status], Iterable[Observation]]) -> Callable[..., Any]:
+    """A gauge callback over the latest snapshot (none before the first read)."""
+
+    def callback(options: CallbackOptions) -> Iterable[Observation]:
+        return observe(_latest) if _latest is not None else ()
+
+    return callback
 
 
-def _lag_seconds(options: CallbackOptions) -> Iterable[Observation]:
-    for status in _latest:
-        for lag in status.lags:
-            yield Observation(lag.seconds, {"projection": lag.projection,
-                                            "partition": lag.partition})
-
-
-def _dead_letters(options: CallbackOptions) -> Iterable[Observation]:
-    for status in _latest:
-        for projection, count in status.dead_letters.items():
-            yield Observation(count, {"projection": projection})
-
-
-def _log_position(options: CallbackOptions) -> Iterable[Observation]:
-    for status in _latest:
-        yield Observation(status.last_position)
+def _per_lag(value: Callable[[Lag], float]) -> Callable[..., Any]:
+    return _gauge(lambda status: [
+        Observation(value(lag), {"projection": lag.projection, "partition": lag.partition})
+        for lag in status.lags
+    ])
 
 
 meter.create_observable_gauge(
-    "cqrskit.projection.lag.events", [_lag_events], unit="{event}",
+    "cqrskit.projection.lag.events", [_per_lag(lambda lag: lag.events)], unit="{event}",
     description="Events in the log a projection has not applied yet, per partition",
 )
 meter.create_observable_gauge(
-    "cqrskit.projection.lag.seconds", [_lag_seconds], unit="s",
+    "cqrskit.projection.lag.seconds", [_per_lag(lambda lag: lag.seconds)], unit="s",
     description="Age of the oldest event a projection has not applied yet, per partition",
 )
 meter.create_observable_gauge(
-    "cqrskit.dead_letters", [_dead_letters], unit="{event}",
-    description="Events parked in the dead-letter queue, by projection",
+    "cqrskit.dead_letters",
+    [_gauge(lambda status: [Observation(count, {"projection": projection})
+                            for projection, count in status.dead_letters.items()])],
+    unit="{event}", description="Events parked in the dead-letter queue, by projection",
 )
 meter.create_observable_gauge(
-    "cqrskit.log.position", [_log_position], unit="{event}",
-    description="The last position in the event log",
+    "cqrskit.log.position", [_gauge(lambda status: [Observation(status.last_position)])],
+    unit="{event}", description="The last position in the event log",
 )
 
 

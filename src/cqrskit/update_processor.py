@@ -126,7 +126,9 @@ class ProjectionRunner:
         attributes = {"cqrskit.projection": self.name, "cqrskit.partition": self.partition}
         with batch_span(f"update views {self.name}", batch, attributes):
             position = await self.views.run(lambda uow: self._apply(uow, batch, after))
-        events_projected.add(len(batch), {"projection": self.name})
+        # A redelivered event at or below the checkpoint changed nothing: not counted.
+        fresh = sum(1 for envelope in batch if envelope.position > after)
+        events_projected.add(fresh, {"projection": self.name})
         self._advanced(position)
 
     def _advanced(self, position: int) -> None:

@@ -33,6 +33,9 @@ async def test_lag_counts_unapplied_events_and_drains_to_zero(runtime: Runtime) 
         assert (lag.events, lag.checkpoint, lag.exact) == (5, 0, True)
         assert lag.seconds >= 0
     assert [e.position for e in before.recent] == [5, 4, 3, 2, 1]
+    # Fewer recent events than the lag window holds: taken from the window.
+    short = await read_status(runtime.registry, runtime.store, runtime.views, 1, recent=3)
+    assert [e.position for e in short.recent] == [5, 4, 3]
 
     runner = ProjectionRunner(runtime.registry.projection("records"), runtime.registry,
                               runtime.views)
