@@ -17,6 +17,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+# The repository root: where `python -m benchmarks...` works.
+ROOT = Path(__file__).resolve().parents[1]
+
 # ---------------------------------------------------------------------- sizes
 
 

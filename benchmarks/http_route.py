@@ -16,25 +16,17 @@ as the baseline) and the latency p50 / p90 / p99 / max from an HDR histogram.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
-
-from benchmarks.common import Measurement, Size
-from benchmarks.telemetry import _free_port
+from benchmarks.common import ROOT, Measurement, Size
+from benchmarks.servers import free_port, server_process
 
 NAME = "http"
 CONNECTIONS = 16
 BARE = "bare FastAPI"
 CQRSKIT = "cqrskit serve · SQLite NORMAL"
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def rate_case(server: str) -> str:
@@ -43,36 +35,6 @@ def rate_case(server: str) -> str:
 
 def latency_case(server: str, stat: str) -> str:
     return f"{server} · latency {stat}"
-
-
-@contextmanager
-def _process(argv: list[str], env: dict[str, str], port: int) -> Iterator[str]:
-    """Start a server, wait for its /readyz, and stop it with SIGTERM at the end."""
-    environment = {k: v for k, v in os.environ.items()
-                   if not k.startswith(("CQRSKIT_", "OTEL_", "APPLICATIONINSIGHTS_"))}
-    environment.update(env)
-    proc = subprocess.Popen(argv, env=environment, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{argv[0]} did not start (exit {proc.poll()})")
-            time.sleep(0.05)
-        yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _load(url: str, seconds: float) -> dict[str, float]:
@@ -103,16 +65,16 @@ def _measure(server: str, url: str, seconds: float) -> list[Measurement]:
 def run(size: Size, workdir: Path) -> list[Measurement]:
     seconds = size.lag_seconds
     bin_dir = Path(sys.executable).parent
-    port = _free_port()
+    port = free_port()
     uvicorn_argv = [str(bin_dir / "uvicorn"), "benchmarks.http_bare:app", "--host", "127.0.0.1",
                     "--port", str(port), "--log-level", "warning", "--no-access-log"]
-    with _process(uvicorn_argv, {}, port) as url:
+    with server_process(uvicorn_argv, {}, port) as url:
         results = _measure(BARE, url, seconds)
-    port = _free_port()
+    port = free_port()
     data = workdir / "cqrskit"
     data.mkdir()
     env = {"CQRSKIT_DATA_DIR": str(data), "CQRSKIT_SQLITE_SYNCHRONOUS": "NORMAL",
            "CQRSKIT_LOG_LEVEL": "WARNING", "CQRSKIT_TELEMETRY": "none"}
-    with _process([str(bin_dir / "cqrskit"), "serve", "--port", str(port)], env, port) as url:
+    with server_process([str(bin_dir / "cqrskit"), "serve", "--port", str(port)], env, port) as url:
         results += _measure(CQRSKIT, url, seconds)
     return results

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from benchmarks.append import insert_records
-from benchmarks.common import Measurement, Size
+from benchmarks.common import ROOT, Measurement, Size
 from benchmarks.lag import (
     CALIBRATION,
     CATCH_UP_TIMEOUT,
@@ -46,12 +46,13 @@ from cqrskit.config import Settings
 from cqrskit.messages import ConsistencyToken, partition_of
 
 NAME = "lag_distributed"
-_ROOT = Path(__file__).resolve().parents[1]  # where `python -m benchmarks...` works
 PARTITIONS = 4
 _POLL = 0.01
 # Stopping a processor, the relay or a runtime that takes longer than this is reported
 # (with the stacks of the tasks still pending) and abandoned: the numbers are taken.
 STOP_TIMEOUT = 20.0
+# The tasks `_bounded` cancels, and reports if they do not end.
+_STOPPED_TASKS = ("projection-", "relay", "bench-relay")
 T = TypeVar("T")
 
 
@@ -72,12 +73,12 @@ async def _bounded(step: Awaitable[object], what: str) -> None:
             task.result()
             return
         for other in asyncio.all_tasks():
-            if other.get_name().startswith(("projection-", "relay", "bench-relay")):
+            if other.get_name().startswith(_STOPPED_TASKS):
                 other.cancel()
     print(f"  {NAME}: {what} did not finish within {STOP_TIMEOUT:.0f}s; abandoned. "
           "Pending:", file=sys.stderr)
     for pending in asyncio.all_tasks():
-        if pending.get_name().startswith(("projection-", "relay", "bench-relay")):
+        if pending.get_name().startswith(_STOPPED_TASKS):
             pending.print_stack(limit=4, file=sys.stderr)
 
 
@@ -183,7 +184,7 @@ async def _projection(processors: int, size: Size) -> tuple[float, float]:
                         sys.executable, "-m", "benchmarks.projection_worker", command_db,
                         query_db, stream_url, str(PARTITIONS), owned,
                         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                        cwd=_ROOT,
+                        cwd=ROOT,
                     ))
                 for worker in workers:
                     assert worker.stdout is not None
@@ -231,12 +232,11 @@ def run(size: Size, workdir: Path) -> list[Measurement]:
         relay_rate, rate = _run(_projection(processors, size))
         noun = "processor" if processors == 1 else "processors"
         case = f"projection · {processors} update {noun}"
-        results += [
-            Measurement(NAME, case, rate, "events/s",
-                        baseline=None if processors == 1 else one,
-                        details={"events": size.projection_events, "partitions": PARTITIONS,
-                                 "processes": processors}),
-        ]
+        results.append(Measurement(
+            NAME, case, rate, "events/s", baseline=None if processors == 1 else one,
+            details={"events": size.projection_events, "partitions": PARTITIONS,
+                     "processes": processors},
+        ))
         if processors == 1:
             results.append(Measurement(NAME, "relay · PostgreSQL → NATS", relay_rate, "events/s"))
     return results

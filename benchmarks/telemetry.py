@@ -15,10 +15,6 @@ per run so both share the machine's state.
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -30,6 +26,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks.common import Measurement, Size, payload
+from benchmarks.servers import free_port, server_process
 
 NAME = "telemetry"
 CLIENTS = 8
@@ -66,42 +63,15 @@ def _receiver() -> Iterator[str]:
         server.server_close()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextmanager
 def _server(workdir: Path, env: dict[str, str]) -> Iterator[str]:
-    port = _free_port()
-    environment = {k: v for k, v in os.environ.items()
-                   if not k.startswith(("CQRSKIT_", "OTEL_", "APPLICATIONINSIGHTS_"))}
-    environment.update({"CQRSKIT_DATA_DIR": str(workdir), "CQRSKIT_SQLITE_SYNCHRONOUS": "NORMAL",
-                        "CQRSKIT_LOG_LEVEL": "WARNING", **env})
+    port = free_port()
     cqrskit = str(Path(sys.executable).parent / "cqrskit")
-    proc = subprocess.Popen([cqrskit, "serve", "--port", str(port)], env=environment,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"cqrskit serve did not start (exit {proc.poll()})")
-            time.sleep(0.05)
+    with server_process([cqrskit, "serve", "--port", str(port)], {
+        "CQRSKIT_DATA_DIR": str(workdir), "CQRSKIT_SQLITE_SYNCHRONOUS": "NORMAL",
+        "CQRSKIT_LOG_LEVEL": "WARNING", **env,
+    }, port) as url:
         yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 async def _drive(url: str, commands: int) -> float:

@@ -65,12 +65,11 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import urlsplit
 
-import orjson
 from aiokafka import (  # type: ignore[import-untyped]
     AIOKafkaConsumer,
     AIOKafkaProducer,
@@ -86,6 +85,7 @@ from aiokafka.helpers import create_ssl_context  # type: ignore[import-untyped]
 
 from cqrskit.errors import CqrskitError, Unavailable
 from cqrskit.messages import Envelope, partition_of
+from cqrskit.streams.wire import check_partition, decode, encode, parse_query
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,7 @@ CONNECTION_STRING_ENV = "CQRSKIT_EVENTHUBS_CONNECTION_STRING"
 EVENTHUBS_PORT = 9093
 # How long a subscriber waits on an empty partition before asking again.
 _FETCH_WAIT_MS = 1000
+
 
 def _boolean(value: str) -> bool:
     if value.lower() in ("true", "1", "yes"):
@@ -103,7 +104,7 @@ def _boolean(value: str) -> bool:
 
 
 # The URL's query parameters and how each is read.
-_PARAMETERS: dict[str, Any] = {
+_PARAMETERS: dict[str, Callable[[str], Any]] = {
     "topic": str, "partitions": int, "group": str, "batch": int, "batch_bytes": int,
     "idempotence": _boolean, "ack_timeout": float,
 }
@@ -134,14 +135,7 @@ class KafkaUrl:
                 f"no credentials in a Kafka URL; Event Hubs reads its connection string "
                 f"from {CONNECTION_STRING_ENV}"
             )
-        params = dict(parse_qsl(parts.query))
-        unknown = set(params) - set(_PARAMETERS)
-        if unknown:
-            raise CqrskitError(f"unknown Kafka URL parameters: {sorted(unknown)}")
-        try:
-            values = {key: _PARAMETERS[key](value) for key, value in params.items()}
-        except ValueError as error:
-            raise CqrskitError(f"bad Kafka URL {url!r}: {error}") from None
+        values = parse_query(url, parts.query, _PARAMETERS, "Kafka")
         eventhubs = parts.scheme == "eventhubs"
         servers = tuple(server for server in parts.netloc.split(",") if server)
         if eventhubs:
@@ -325,9 +319,10 @@ class KafkaStream:
             return
         producer = await self._start_producer()
         try:
+            partitions = self.url.partitions
             wave: dict[int, Any] = {}
             for envelope in envelopes:
-                partition = partition_of(envelope.stream_id, self.url.partitions)
+                partition = partition_of(envelope.stream_id, partitions)
                 builder = wave.get(partition)
                 if builder is None or not self._append(builder, envelope):
                     if builder is not None:  # this partition's batch is full
@@ -355,7 +350,7 @@ class KafkaStream:
     def _append(builder: Any, envelope: Envelope) -> bool:
         appended = builder.append(
             timestamp=None, key=envelope.stream_id.encode(),
-            value=orjson.dumps(envelope.to_dict()),
+            value=encode(envelope),
             headers=[("event_id", envelope.event_id.encode())],
         )
         return appended is not None
@@ -377,8 +372,7 @@ class KafkaStream:
         self, partition: int, partitions: int, after: int, *, consumer: str | None = None
     ) -> AsyncIterator[list[Envelope]]:
         """Batches of one partition with position > `after`, in order (see the module doc)."""
-        if not 0 <= partition < partitions:
-            raise CqrskitError(f"partition {partition} is not in 0..{partitions - 1}")
+        check_partition(partition, partitions)
         if partitions != self.url.partitions:
             raise CqrskitError(
                 f"the Kafka topic {self.url.topic} has {self.url.partitions} partitions and "
@@ -481,7 +475,7 @@ class KafkaStream:
 
     def _envelope(self, record: Any) -> Envelope | None:
         try:
-            return Envelope.from_dict(orjson.loads(record.value))
+            return decode(record.value)
         except (ValueError, KeyError, TypeError) as error:
             log.error("skipping a record at offset %s of %s that is not a cqrskit event: %s",
                       record.offset, self.url.topic, error)

@@ -68,10 +68,10 @@ import contextlib
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import urlsplit
 
 import nats
 import nats.errors
@@ -92,6 +92,7 @@ from nats.js.api import (
 
 from cqrskit.errors import CqrskitError, Unavailable
 from cqrskit.messages import Envelope, partition_of
+from cqrskit.streams.wire import check_partition, decode, encode, parse_query
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ _PULL_CHECK_SECONDS = 0.25
 
 
 # The URL's query parameters and how each is read.
-_PARAMETERS: dict[str, Any] = {
+_PARAMETERS: dict[str, Callable[[str], Any]] = {
     "stream": str, "subject": str, "partitions": int, "duplicate_window": float,
     "ack_wait": float, "batch": int,
 }
@@ -132,14 +133,7 @@ class NatsUrl:
         parts = urlsplit(url)
         if parts.scheme not in ("nats", "tls") or not parts.hostname:
             raise CqrskitError(f"not a NATS URL: {url!r} (expected nats://host:port?...)")
-        params = dict(parse_qsl(parts.query))
-        unknown = set(params) - set(_PARAMETERS)
-        if unknown:
-            raise CqrskitError(f"unknown NATS URL parameters: {sorted(unknown)}")
-        try:
-            values = {key: _PARAMETERS[key](value) for key, value in params.items()}
-        except ValueError as error:
-            raise CqrskitError(f"bad NATS URL {url!r}: {error}") from None
+        values = parse_query(url, parts.query, _PARAMETERS, "NATS")
         parsed = cls(server=f"{parts.scheme}://{parts.netloc}", **values)
         parsed._validate()
         return parsed
@@ -239,11 +233,6 @@ class _Acks:
 def _unavailable(url: NatsUrl, doing: str, error: BaseException) -> Unavailable:
     detail = str(error) or type(error).__name__
     return Unavailable(f"NATS at {url.address} (stream {url.stream}): {doing} failed: {detail}")
-
-
-def _decode(msg: Msg | bytes) -> Envelope:
-    data = msg if isinstance(msg, bytes) else msg.data
-    return Envelope.from_dict(orjson.loads(data))
 
 
 class NatsStream:
@@ -380,13 +369,13 @@ class NatsStream:
             if acks is None:
                 acks = link.acks = _Acks(link.client)
                 await acks.start()
-            publish = link.client.publish
+            publish, reply_to, subject_of = link.client.publish, acks.reply_to, self.subject_of
             for start in range(0, len(envelopes), PUBLISH_WINDOW):
                 window = acks.window()
                 # Enqueued one after another, so they go out in position order.
                 for e in envelopes[start : start + PUBLISH_WINDOW]:
                     await publish(
-                        self.subject_of(e), orjson.dumps(e.to_dict()), reply=acks.reply_to(),
+                        subject_of(e), encode(e), reply=reply_to(),
                         headers={"Nats-Msg-Id": e.event_id},
                     )
                 acks.sent()
@@ -427,8 +416,7 @@ class NatsStream:
         When `partitions` differs from the stream's own count, the whole stream is
         read and filtered here: slower, still in order.
         """
-        if not 0 <= partition < partitions:
-            raise CqrskitError(f"partition {partition} is not in 0..{partitions - 1}")
+        check_partition(partition, partitions)
         if consumer is not None and not _NAME.match(consumer):
             raise CqrskitError(f"NATS consumer name {consumer!r} must match {_NAME.pattern}")
         own_partitions = partitions == self.url.partitions
@@ -437,7 +425,7 @@ class NatsStream:
 
         link = await self._link("subscribe")
         name = await self._open_consumer(link.js, filter_subject, after, consumer)
-        puller = _Puller(link, self.url, name, self.url.batch)
+        puller = _Puller(link, self.url, name)
         acked: Msg | None = None
         last = after
         try:
@@ -510,7 +498,7 @@ class NatsStream:
         if floor < 1:
             return 1
         try:
-            at_floor = _decode(await _message_data(js, self.url.stream, floor))
+            at_floor = decode(await _message_data(js, self.url.stream, floor))
         except (nats.js.errors.NotFoundError, ValueError, KeyError):
             return 1
         return floor + 1 if at_floor.position <= after else 1
@@ -520,7 +508,7 @@ class NatsStream:
         state = (await js.stream_info(self.url.stream)).state
         if state.first_seq <= start or state.messages == 0:
             return  # nothing we would read was removed
-        first = _decode(await _message_data(js, self.url.stream, state.first_seq))
+        first = decode(await _message_data(js, self.url.stream, state.first_seq))
         if first.position > after + 1:
             raise CqrskitError(
                 f"NATS stream {self.url.stream} no longer holds the events after position "
@@ -548,7 +536,7 @@ class NatsStream:
 
     def _envelope(self, msg: Msg) -> Envelope | None:
         try:
-            return _decode(msg)
+            return decode(msg.data)
         except (ValueError, KeyError, TypeError) as error:
             log.error("skipping a message on %s that is not a cqrskit event: %s",
                       msg.subject, error)
@@ -576,11 +564,11 @@ class _Puller:
       quiet stream adds no latency.
     """
 
-    def __init__(self, link: _Link, url: NatsUrl, consumer: str, batch: int) -> None:
+    def __init__(self, link: _Link, url: NatsUrl, consumer: str) -> None:
         self.link = link
         self.url = url
         self.next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{url.stream}.{consumer}"
-        self.batch = batch
+        self.batch = url.batch
         self.inbox = ""
         self.sub: Any = None
         self.buffer: list[Msg] = []
