@@ -26,14 +26,15 @@ partition key option otherwise, so every query here names it explicitly).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
 from azure.core import MatchConditions
@@ -45,6 +46,7 @@ from azure.cosmos.exceptions import CosmosHttpResponseError
 from cqrskit.errors import CqrskitError, Unavailable
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _DATABASE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,254}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -54,6 +56,8 @@ _OPTIONS = {"database", "tls", "key_env"}
 _TRANSIENT = {408, 429, 449, 500, 502, 503, 504}
 
 IF_MATCH = MatchConditions.IfNotModified
+# Concurrent requests one step sends (documents to read, stamp or write).
+FAN_OUT = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,3 +301,14 @@ class ServerClock:
             skew = server + 0.5 - time.time()
             if abs(skew - self.offset) > 2:
                 self.offset = skew
+
+
+async def bounded(works: Iterable[Awaitable[T]], limit: int = FAN_OUT) -> list[T]:
+    """Await all, at most `limit` at a time."""
+    semaphore = asyncio.Semaphore(limit)
+
+    async def one(work: Awaitable[T]) -> T:
+        async with semaphore:
+            return await work
+
+    return list(await asyncio.gather(*(one(w) for w in works)))

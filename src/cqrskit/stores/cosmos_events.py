@@ -62,6 +62,7 @@ from cqrskit.stores.cosmos_sequencer import (
     event_doc_id,
     outbox_doc_id,
 )
+from cqrskit.stores.group_commit import next_group
 
 log = logging.getLogger(__name__)
 
@@ -92,22 +93,6 @@ class _Written:
 
 
 _Pending = tuple[AppendRequest, "asyncio.Future[CommandResult]"]
-
-
-def _next_group(pending: list[_Pending]) -> tuple[list[_Pending], list[_Pending]]:
-    """The requests to send together now; a later request on a stream or command id
-    already in the group waits for the next one, so each sees the one before stored."""
-    group: list[_Pending] = []
-    rest: list[_Pending] = []
-    seen: set[str] = set()
-    for item in pending:
-        keys = ("s:" + item[0].stream_id, "c:" + item[0].command_id)
-        if len(group) < MAX_GROUP and not any(key in seen for key in keys):
-            group.append(item)
-        else:
-            rest.append(item)
-        seen.update(keys)
-    return group, rest
 
 
 def _envelope(doc: dict[str, Any]) -> Envelope:
@@ -181,7 +166,7 @@ class CosmosEventStore:
 
     async def _send_pending(self) -> None:
         while self._pending:
-            group, self._pending = _next_group(self._pending)
+            group, self._pending = next_group(self._pending, MAX_GROUP)
             try:
                 await self._append_group(group)
             except BaseException as error:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar
 
@@ -44,6 +44,7 @@ from cqrskit.messages import Envelope
 from cqrskit.ports import DeadLetter
 from cqrskit.stores.cosmos import (
     IF_MATCH,
+    bounded,
     is_conflict,
     is_not_found,
     is_precondition_failed,
@@ -59,7 +60,6 @@ T = TypeVar("T")
 TOMBSTONE_TTL = 24 * 3600
 CHECKPOINTS = "checkpoints"
 DEAD_LETTERS = "dead_letters"
-_FAN_OUT = 32
 _MAX_SAFE_INT = 2**53
 
 # What a writer knew of a stored document: its ETag and seq, ABSENT, or None (unknown).
@@ -242,7 +242,7 @@ class Transaction:
             elif collection not in self.cleared:
                 remote.append(doc_id)
         if remote:
-            stored = self.call(_gather(self.reads.read_view(collection, i) for i in remote))
+            stored = self.call(bounded(self.reads.read_view(collection, i) for i in remote))
             for doc_id, doc in zip(remote, stored, strict=True):
                 self.hints.setdefault((f"view_{collection}", doc_id), hint_of(doc))
                 value = None if doc is None else view_doc(doc)
@@ -339,21 +339,6 @@ class Transaction:
 
 async def _awaited(work: Awaitable[T]) -> T:
     return await work
-
-
-async def _gather(works: Iterable[Awaitable[T]]) -> list[T]:
-    return await bounded(works)
-
-
-async def bounded(works: Iterable[Awaitable[T]], limit: int = _FAN_OUT) -> list[T]:
-    """Await all, at most `limit` at a time."""
-    semaphore = asyncio.Semaphore(limit)
-
-    async def one(work: Awaitable[T]) -> T:
-        async with semaphore:
-            return await work
-
-    return list(await asyncio.gather(*(one(w) for w in works)))
 
 
 class CosmosUnitOfWork(BufferedUnitOfWork):

@@ -50,9 +50,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from azure.cosmos.aio import ContainerProxy
 from azure.cosmos.exceptions import CosmosBatchOperationError
@@ -61,6 +61,7 @@ from cqrskit.errors import Unavailable
 from cqrskit.stores.cosmos import (
     IF_MATCH,
     ServerClock,
+    bounded,
     is_conflict,
     is_precondition_failed,
     query,
@@ -69,7 +70,6 @@ from cqrskit.stores.cosmos import (
 )
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 LOG_PARTITION = "log"
 HEAD_ID = "head"
@@ -80,8 +80,6 @@ MAX_CLAIM = 90
 GRACE = 2.0
 # Claims and markers expire (Cosmos TTL) after a week: far beyond any stale read.
 RETENTION_SECONDS = 7 * 24 * 3600
-# Concurrent requests one finish sends (events to stamp, documents to write).
-_FAN_OUT = 32
 
 
 def event_doc_id(version: int) -> str:
@@ -129,16 +127,6 @@ class Entry:
             doc["stream_id"], doc["command_id"], doc["command_hash"],
             int(doc["first_version"]), int(doc["last_version"]), float(doc["created_at"]),
         )
-
-
-async def _bounded(works: Iterable[Awaitable[T]], limit: int = _FAN_OUT) -> list[T]:
-    semaphore = asyncio.Semaphore(limit)
-
-    async def one(work: Awaitable[T]) -> T:
-        async with semaphore:
-            return await work
-
-    return list(await asyncio.gather(*(one(w) for w in works)))
 
 
 class Sequencer:
@@ -249,12 +237,12 @@ class Sequencer:
 
     async def finish(self, claim: dict[str, Any]) -> None:
         """Stamp the claim's positions and move the head past it; safe to repeat."""
-        await _bounded(self._stamp(row) for row in claim["entries"])
+        await bounded(self._stamp(row) for row in claim["entries"])
         await self._advance(int(claim["n"]), int(claim["last"]))
 
     async def _stamp(self, row: list[Any]) -> None:
         stream_id, command_id, command_hash, first_version, last_version, first = row
-        await _bounded(
+        await bounded(
             self.events.patch_item(
                 event_doc_id(version), partition_key=stream_id,
                 patch_operations=[{"op": "set", "path": "/position",

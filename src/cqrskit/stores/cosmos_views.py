@@ -25,12 +25,13 @@ import logging
 import random
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from operator import itemgetter
 from typing import Any, TypeVar
 
 from azure.cosmos.aio import ContainerProxy
 from azure.cosmos.exceptions import CosmosHttpResponseError
 
-from cqrskit.errors import CqrskitError, InvalidRequest, Unavailable
+from cqrskit.errors import Unavailable
 from cqrskit.leases import plan_claim
 from cqrskit.messages import utc_now
 from cqrskit.ports import Collection, DeadLetter, Page, UnitOfWork
@@ -39,6 +40,7 @@ from cqrskit.stores.cosmos import (
     CosmosAccount,
     CosmosUrl,
     ServerClock,
+    bounded,
     ensure_container,
     is_conflict,
     is_not_found,
@@ -56,7 +58,6 @@ from cqrskit.stores.cosmos_journal import (
     CosmosUnitOfWork,
     JournalEntry,
     Transaction,
-    bounded,
     checkpoint_id,
     clear_guarded,
     dead_letter_doc_id,
@@ -65,7 +66,13 @@ from cqrskit.stores.cosmos_journal import (
     view_body,
     view_doc,
 )
-from cqrskit.stores.queries import decode_cursor, encode_cursor, filter_path
+from cqrskit.stores.queries import (
+    check_limit,
+    decode_cursor,
+    filter_path,
+    known_collection,
+    page_rows,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -137,10 +144,7 @@ class CosmosViewStore:
             raise Unavailable(f"{self.what} is closed")
 
     def _known(self, collection: str) -> ContainerProxy:
-        try:
-            return self.containers[collection]
-        except KeyError:
-            raise CqrskitError(f"collection {collection!r} is not set up") from None
+        return known_collection(self.containers, collection)
 
     # ------------------------------------ reads for transactions (cosmos_journal.Reads)
 
@@ -353,8 +357,7 @@ class CosmosViewStore:
         limit: int = 50,
         descending: bool = False,
     ) -> Page:
-        if limit < 1:
-            raise InvalidRequest(f"limit must be at least 1, not {limit}")
+        check_limit(limit)
         self._usable()
         container = self._known(collection)
         clauses = ["NOT IS_DEFINED(c.deleted)"]
@@ -373,10 +376,8 @@ class CosmosViewStore:
                f"ORDER BY c.id {order}")
         async with translated(self.what):
             rows = await query(container, sql, params)
-        more = len(rows) > limit
-        rows = rows[:limit]
-        items = [doc for doc in map(view_doc, rows) if doc is not None]
-        return Page(items, encode_cursor(rows[-1]["id"]) if more else None)
+        rows, cursor = page_rows(rows, limit, itemgetter("id"))
+        return Page([doc for doc in map(view_doc, rows) if doc is not None], cursor)
 
     async def checkpoints(self) -> dict[tuple[str, int], int]:
         self._usable()

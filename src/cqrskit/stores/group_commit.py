@@ -23,10 +23,12 @@ from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 from cqrskit.errors import Unavailable
+from cqrskit.ports import AppendRequest
 
 log = logging.getLogger(__name__)
 
 C = TypeVar("C")
+F = TypeVar("F")
 BatchHandler = Callable[[C, list[Any]], list[Any]]
 MAX_GROUP = 512
 
@@ -49,6 +51,34 @@ class Backend(Protocol[C]):
     def translate(self, error: Exception) -> Exception:
         """The error to give callers when a transaction failed as a whole."""
         ...
+
+
+def run_each(conn: C, works: list[Callable[[C], Any]]) -> list[Any]:
+    """A batch handler for small one-off jobs (leases) in the group's transaction."""
+    return [work(conn) for work in works]
+
+
+def next_group(
+    pending: list[tuple[AppendRequest, F]], limit: int
+) -> tuple[list[tuple[AppendRequest, F]], list[tuple[AppendRequest, F]]]:
+    """Split a queue of appends into the group to send now and what stays queued, in order.
+
+    A group is judged as one, so a request on a stream (or with a command id) that an
+    earlier request still queued also has must see that one stored: it stays queued
+    for a later group, and so does everything behind it on the same stream or command
+    id, so their order holds. A group holds at most `limit` requests.
+    """
+    group: list[tuple[AppendRequest, F]] = []
+    rest: list[tuple[AppendRequest, F]] = []
+    seen: set[str] = set()
+    for item in pending:
+        keys = ("s:" + item[0].stream_id, "c:" + item[0].command_id)
+        if len(group) < limit and not any(key in seen for key in keys):
+            group.append(item)
+        else:
+            rest.append(item)
+        seen.update(keys)
+    return group, rest
 
 
 @dataclass(slots=True)
@@ -123,7 +153,9 @@ class GroupCommitter(Generic[C]):
             while start < len(jobs):
                 handler = jobs[start].handler
                 end = start + 1
-                while end < len(jobs) and jobs[end].handler is handler:
+                # ==, not `is`: a bound method (`self._run_units`) is a new object
+                # at each submit, but equal to the others of the same instance.
+                while end < len(jobs) and jobs[end].handler == handler:
                     end += 1
                 outcomes.extend(handler(conn, [job.item for job in jobs[start:end]]))
                 start = end

@@ -23,8 +23,9 @@ import re
 import zlib
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC
+from datetime import UTC, datetime
 from functools import partial
+from operator import itemgetter
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
@@ -51,8 +52,15 @@ from cqrskit.ports import (
     StoredCommand,
     UnitOfWork,
 )
-from cqrskit.stores.group_commit import GroupCommitter
-from cqrskit.stores.queries import decode_cursor, encode_cursor, filter_path
+from cqrskit.stores.group_commit import GroupCommitter, next_group, run_each
+from cqrskit.stores.queries import (
+    check_limit,
+    decode_cursor,
+    filter_path,
+    known_collection,
+    page_rows,
+)
+from cqrskit.stores.rows import DEAD_LETTER_COLUMNS, EVENT_COLUMNS, dead_letter_of, envelope_of
 from cqrskit.stores.unit_of_work import BufferedUnitOfWork
 
 log = logging.getLogger(__name__)
@@ -376,17 +384,17 @@ async def _fetch(
     raise AssertionError("unreachable")
 
 
-_EVENT_COLUMNS = (
-    "event_id, stream_id, stream_type, version, position, type, schema_version, "
-    "data, metadata, recorded_at"
-)
+def _as_is(value: T) -> T:
+    return value
 
 
-def _envelope(row: Sequence[Any]) -> Envelope:
-    return Envelope(
-        row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8],
-        row[9].astimezone(UTC).isoformat(),
-    )
+def _timestamp(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat()
+
+
+# psycopg decodes JSONB itself (with orjson, see _configure).
+_envelope = partial(envelope_of, json=_as_is, timestamp=_timestamp)
+_dead_letter = partial(dead_letter_of, json=_as_is, timestamp=_timestamp)
 
 
 def _outcome(request: AppendRequest, answer: dict[str, Any]) -> Any:
@@ -408,25 +416,8 @@ def _outcome(request: AppendRequest, answer: dict[str, Any]) -> Any:
 _Pending = tuple[AppendRequest, asyncio.Future[Any]]
 
 
-def _next_group(pending: list[_Pending], limit: int) -> tuple[list[_Pending], list[_Pending]]:
-    """Split the queue into the group to send now and what stays queued, in order.
-
-    The SQL function judges a group set-based, so a request on a stream (or with a
-    command id) that an earlier request still queued also has must see that one
-    stored: it stays queued for a later call, and so does everything behind it on
-    the same stream or command id, so their order holds.
-    """
-    group: list[_Pending] = []
-    rest: list[_Pending] = []
-    seen: set[str] = set()
-    for item in pending:
-        keys = ("s:" + item[0].stream_id, "c:" + item[0].command_id)
-        if len(group) < limit and not any(key in seen for key in keys):
-            group.append(item)
-        else:
-            rest.append(item)
-        seen.update(keys)
-    return group, rest
+# The SQL function judges a group set-based: see next_group.
+_next_group = next_group
 
 
 def _request_json(request: AppendRequest) -> dict[str, Any]:
@@ -572,7 +563,7 @@ class PostgresEventStore:
 
     async def read_stream(self, stream_id: str) -> list[Envelope]:
         rows = await self._fetch(
-            f"SELECT {_EVENT_COLUMNS} FROM {self.schema}.events WHERE stream_id = %s "
+            f"SELECT {EVENT_COLUMNS} FROM {self.schema}.events WHERE stream_id = %s "
             "ORDER BY version",
             (stream_id,),
         )
@@ -580,7 +571,7 @@ class PostgresEventStore:
 
     async def read_all(self, after: int, limit: int) -> list[Envelope]:
         rows = await self._fetch(
-            f"SELECT {_EVENT_COLUMNS} FROM {self.schema}.events WHERE position > %s "
+            f"SELECT {EVENT_COLUMNS} FROM {self.schema}.events WHERE position > %s "
             "ORDER BY position LIMIT %s",
             (after, limit),
         )
@@ -740,13 +731,6 @@ def _view_store_schema(s: str) -> list[str]:
 _NOW = "SELECT extract(epoch FROM clock_timestamp())::float8"
 
 
-def _run_each(
-    conn: psycopg.Connection[Any], works: list[Callable[[psycopg.Connection[Any]], Any]]
-) -> list[Any]:
-    """A batch handler for small one-off jobs (leases) in the writer's transaction."""
-    return [work(conn) for work in works]
-
-
 def _db_now(conn: psycopg.Connection[Any]) -> float:
     row = conn.execute(_NOW).fetchone()
     return float(row[0]) if row else 0.0
@@ -792,20 +776,6 @@ def _claim(
 def _release(schema: str, owner: str, conn: psycopg.Connection[Any]) -> None:
     conn.execute(f"DELETE FROM {schema}.leases WHERE owner = %s", (owner,))
     conn.execute(f"DELETE FROM {schema}.lease_owners WHERE owner = %s", (owner,))
-
-
-_DEAD_LETTER_COLUMNS = (
-    "id, projection, partition, stream_id, position, envelope, error, attempts, is_cause, "
-    "parked_at"
-)
-
-
-def _dead_letter(row: Sequence[Any]) -> DeadLetter:
-    return DeadLetter(
-        id=row[0], projection=row[1], partition=row[2], stream_id=row[3], position=row[4],
-        envelope=Envelope.from_dict(row[5]), error=row[6], attempts=row[7],
-        is_cause=row[8], parked_at=row[9].astimezone(UTC).isoformat(),
-    )
 
 
 def _containment(filters: Mapping[str, Any]) -> dict[str, Any]:
@@ -931,7 +901,7 @@ class PostgresUnitOfWork(BufferedUnitOfWork):
 
     def load_dead_letters(self, projection: str, stream_id: str) -> list[DeadLetter]:
         rows = self.conn.execute(
-            f"SELECT {_DEAD_LETTER_COLUMNS} FROM {self.schema}.dead_letters "
+            f"SELECT {DEAD_LETTER_COLUMNS} FROM {self.schema}.dead_letters "
             "WHERE projection = %s AND stream_id = %s ORDER BY position",
             (projection, stream_id),
         ).fetchall()
@@ -1031,8 +1001,9 @@ class PostgresViewStore:
         self, conn: psycopg.Connection[Any], works: list[Callable[[UnitOfWork], Any]]
     ) -> list[Any]:
         outcomes: list[Any] = []
+        known = set(self.collections)  # read only: one copy serves the group
         for work in works:
-            uow = PostgresUnitOfWork(conn, self.schema, set(self.collections))
+            uow = PostgresUnitOfWork(conn, self.schema, known)
             try:
                 # Pipelined: the savepoint goes out with the unit's first read, and its
                 # writes and the savepoint's release in one round trip at the end.
@@ -1050,10 +1021,7 @@ class PostgresViewStore:
         return outcomes
 
     def _known(self, collection: str) -> Collection:
-        try:
-            return self.collections[collection]
-        except KeyError:
-            raise CqrskitError(f"collection {collection!r} is not set up") from None
+        return known_collection(self.collections, collection)
 
     async def _fetch(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         return await _fetch(self.pool, sql, params)
@@ -1074,8 +1042,7 @@ class PostgresViewStore:
         limit: int = 50,
         descending: bool = False,
     ) -> Page:
-        if limit < 1:
-            raise InvalidRequest(f"limit must be at least 1, not {limit}")
+        check_limit(limit)
         self._known(collection)
         clauses: list[str] = []
         params: list[Any] = []
@@ -1093,9 +1060,8 @@ class PostgresViewStore:
             f"ORDER BY id {order} LIMIT %s",
             params,
         )
-        more = len(rows) > limit
-        rows = rows[:limit]
-        return Page([row[1] for row in rows], encode_cursor(rows[-1][0]) if more else None)
+        rows, cursor = page_rows(rows, limit, itemgetter(0))
+        return Page([row[1] for row in rows], cursor)
 
     async def checkpoints(self) -> dict[tuple[str, int], int]:
         rows = await self._fetch(
@@ -1104,7 +1070,7 @@ class PostgresViewStore:
         return {(row[0], row[1]): row[2] for row in rows}
 
     async def list_dead_letters(self, projection: str | None = None) -> list[DeadLetter]:
-        sql = f"SELECT {_DEAD_LETTER_COLUMNS} FROM {self.schema}.dead_letters"
+        sql = f"SELECT {DEAD_LETTER_COLUMNS} FROM {self.schema}.dead_letters"
         if projection is None:
             rows = await self._fetch(sql + " ORDER BY projection, position", ())
         else:
@@ -1115,25 +1081,25 @@ class PostgresViewStore:
 
     async def get_dead_letter(self, dead_letter_id: int) -> DeadLetter | None:
         rows = await self._fetch(
-            f"SELECT {_DEAD_LETTER_COLUMNS} FROM {self.schema}.dead_letters WHERE id = %s",
+            f"SELECT {DEAD_LETTER_COLUMNS} FROM {self.schema}.dead_letters WHERE id = %s",
             (dead_letter_id,),
         )
         return _dead_letter(rows[0]) if rows else None
 
     async def heartbeat(self, owner: str, ttl: float) -> list[str]:
         work = partial(_heartbeat, self.schema, owner, ttl)
-        live: list[str] = await self._writer.submit(_run_each, work)
+        live: list[str] = await self._writer.submit(run_each, work)
         return live
 
     async def claim_partitions(
         self, owner: str, wanted: int, partitions: int, ttl: float
     ) -> set[int]:
         work = partial(_claim, self.schema, owner, wanted, partitions, ttl)
-        held: set[int] = await self._writer.submit(_run_each, work)
+        held: set[int] = await self._writer.submit(run_each, work)
         return held
 
     async def release_partitions(self, owner: str) -> None:
-        await self._writer.submit(_run_each, partial(_release, self.schema, owner))
+        await self._writer.submit(run_each, partial(_release, self.schema, owner))
 
     async def leases(self) -> dict[int, str]:
         rows = await self._fetch(

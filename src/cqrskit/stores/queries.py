@@ -1,14 +1,44 @@
-"""What every view store checks and encodes the same way: filter paths and page cursors."""
+"""What every view store checks and encodes the same way: collections, limits, filter
+paths and page cursors."""
 
 from __future__ import annotations
 
 import base64
 import re
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
-from cqrskit.errors import InvalidRequest
+from cqrskit.errors import CqrskitError, InvalidRequest
+
+R = TypeVar("R")
+V = TypeVar("V")
 
 _PATH_SEGMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+
+
+def known_collection(collections: Mapping[str, V], name: str) -> V:
+    """What a store keeps for collection `name` (its declaration, its container),
+    once `setup` has declared it."""
+    try:
+        return collections[name]
+    except KeyError:
+        raise CqrskitError(f"collection {name!r} is not set up") from None
+
+
+def check_limit(limit: int) -> None:
+    if limit < 1:
+        raise InvalidRequest(f"limit must be at least 1, not {limit}")
+
+
+def page_rows(
+    rows: list[R], limit: int, doc_id: Callable[[R], str]
+) -> tuple[list[R], str | None]:
+    """A page's rows and the cursor of the next page, from up to `limit + 1` rows:
+    the extra row only says that another page follows."""
+    if len(rows) <= limit:
+        return rows, None
+    rows = rows[:limit]
+    return rows, encode_cursor(doc_id(rows[-1]))
 
 
 def filter_path(field: str, value: Any) -> list[str]:

@@ -19,6 +19,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,7 +29,6 @@ from cqrskit.errors import (
     ConcurrencyConflict,
     CqrskitError,
     IdempotencyKeyReused,
-    InvalidRequest,
     Unavailable,
 )
 from cqrskit.leases import plan_claim
@@ -40,8 +40,15 @@ from cqrskit.ports import (
     Page,
     StoredCommand,
 )
-from cqrskit.stores.group_commit import BatchHandler, GroupCommitter
-from cqrskit.stores.queries import decode_cursor, encode_cursor, filter_path
+from cqrskit.stores.group_commit import BatchHandler, GroupCommitter, run_each
+from cqrskit.stores.queries import (
+    check_limit,
+    decode_cursor,
+    filter_path,
+    known_collection,
+    page_rows,
+)
+from cqrskit.stores.rows import DEAD_LETTER_COLUMNS, EVENT_COLUMNS, dead_letter_of, envelope_of
 from cqrskit.stores.unit_of_work import BufferedUnitOfWork
 
 log = logging.getLogger(__name__)
@@ -185,12 +192,6 @@ _EVENT_STORE_SCHEMA = [
     """,
 ]
 
-_EVENT_COLUMNS = (
-    "event_id, stream_id, stream_type, version, position, type, schema_version, "
-    "data, metadata, recorded_at"
-)
-
-
 def _run_script(path: Path, script: str) -> None:
     """Run DDL on a connection of its own; `executescript` would commit a group's work."""
     conn = sqlite3.connect(path, isolation_level=None, timeout=30)
@@ -214,13 +215,9 @@ def _migrate(path: Path, migrations: Sequence[str]) -> None:
             _run_script(path, f"BEGIN IMMEDIATE; {script}; PRAGMA user_version={number}; COMMIT;")
 
 
-def _envelope(row: tuple[Any, ...]) -> Envelope:
-    # Positional: the column order of _EVENT_COLUMNS is the field order of Envelope.
-    loads = orjson.loads
-    return Envelope(
-        row[0], row[1], row[2], row[3], row[4], row[5], row[6],
-        loads(row[7]), loads(row[8]), row[9],
-    )
+# JSON is stored as text and times as ISO strings.
+_envelope = partial(envelope_of, json=orjson.loads, timestamp=str)
+_dead_letter = partial(dead_letter_of, json=orjson.loads, timestamp=str)
 
 
 class SqliteEventStore:
@@ -247,7 +244,7 @@ class SqliteEventStore:
     async def read_stream(self, stream_id: str) -> list[Envelope]:
         def work(conn: sqlite3.Connection) -> list[Envelope]:
             rows = conn.execute(
-                f"SELECT {_EVENT_COLUMNS} FROM events WHERE stream_id = ? ORDER BY version",
+                f"SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = ? ORDER BY version",
                 (stream_id,),
             ).fetchall()
             return [_envelope(row) for row in rows]
@@ -257,7 +254,7 @@ class SqliteEventStore:
     async def read_all(self, after: int, limit: int) -> list[Envelope]:
         def work(conn: sqlite3.Connection) -> list[Envelope]:
             rows = conn.execute(
-                f"SELECT {_EVENT_COLUMNS} FROM events WHERE position > ? "
+                f"SELECT {EVENT_COLUMNS} FROM events WHERE position > ? "
                 "ORDER BY position LIMIT ?",
                 (after, limit),
             ).fetchall()
@@ -363,7 +360,7 @@ def _append_batch(conn: sqlite3.Connection, requests: list[AppendRequest]) -> li
         )
         outcomes.append(CommandResult(request.command_id, request.stream_id, current, last))
     conn.executemany(
-        f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        f"INSERT INTO events ({EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         event_rows,
     )
     conn.executemany(
@@ -463,13 +460,6 @@ _VIEW_STORE_SCHEMA = [
 ]
 
 
-def _run_each(
-    conn: sqlite3.Connection, works: list[Callable[[sqlite3.Connection], Any]]
-) -> list[Any]:
-    """A batch handler for small one-off jobs (leases) in the group's transaction."""
-    return [work(conn) for work in works]
-
-
 # Leases compare wall-clock times of the processes sharing the file: one machine.
 def _heartbeat(owner: str, ttl: float, conn: sqlite3.Connection) -> list[str]:
     now = time.time()
@@ -516,19 +506,6 @@ def _json_path(field: str, value: Any = None) -> str:
     return "$." + ".".join(filter_path(field, value))
 
 
-def _dead_letter(row: tuple[Any, ...]) -> DeadLetter:
-    return DeadLetter(
-        id=row[0], projection=row[1], partition=row[2], stream_id=row[3], position=row[4],
-        envelope=Envelope.from_dict(orjson.loads(row[5])), error=row[6], attempts=row[7],
-        is_cause=bool(row[8]), parked_at=row[9],
-    )
-
-
-_DEAD_LETTER_COLUMNS = (
-    "id, projection, partition, stream_id, position, envelope, error, attempts, is_cause, parked_at"
-)
-
-
 class SqliteUnitOfWork(BufferedUnitOfWork):
     def __init__(self, conn: sqlite3.Connection, known: set[str]) -> None:
         super().__init__(known)
@@ -556,7 +533,7 @@ class SqliteUnitOfWork(BufferedUnitOfWork):
 
     def load_dead_letters(self, projection: str, stream_id: str) -> list[DeadLetter]:
         rows = self.conn.execute(
-            f"SELECT {_DEAD_LETTER_COLUMNS} FROM dead_letters "
+            f"SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters "
             "WHERE projection = ? AND stream_id = ? ORDER BY position",
             (projection, stream_id),
         ).fetchall()
@@ -646,8 +623,9 @@ class SqliteViewStore:
         self, conn: sqlite3.Connection, works: list[Callable[[SqliteUnitOfWork], Any]]
     ) -> list[Any]:
         outcomes: list[Any] = []
+        known = set(self.collections)  # read only: one copy serves the group
         for work in works:
-            uow = SqliteUnitOfWork(conn, set(self.collections))
+            uow = SqliteUnitOfWork(conn, known)
             try:
                 result = work(uow)
             except Exception as error:
@@ -678,8 +656,7 @@ class SqliteViewStore:
         limit: int = 50,
         descending: bool = False,
     ) -> Page:
-        if limit < 1:
-            raise InvalidRequest(f"limit must be at least 1, not {limit}")
+        check_limit(limit)
         indexed = set(self._known(collection).indexed)
         clauses: list[str] = []
         params: list[Any] = []
@@ -712,19 +689,13 @@ class SqliteViewStore:
         sql = f"SELECT id, doc FROM {_table(collection)} {where} ORDER BY id {order} LIMIT ?"
 
         def work(conn: sqlite3.Connection) -> Page:
-            rows = conn.execute(sql, params).fetchall()
-            more = len(rows) > limit
-            rows = rows[:limit]
-            cursor = encode_cursor(rows[-1][0]) if more else None
+            rows, cursor = page_rows(conn.execute(sql, params).fetchall(), limit, itemgetter(0))
             return Page([orjson.loads(row[1]) for row in rows], cursor)
 
         return await self.db.read(work)
 
     def _known(self, collection: str) -> Collection:
-        try:
-            return self.collections[collection]
-        except KeyError:
-            raise CqrskitError(f"collection {collection!r} is not set up") from None
+        return known_collection(self.collections, collection)
 
     async def checkpoints(self) -> dict[tuple[str, int], int]:
         def work(conn: sqlite3.Connection) -> dict[tuple[str, int], int]:
@@ -735,7 +706,7 @@ class SqliteViewStore:
 
     async def list_dead_letters(self, projection: str | None = None) -> list[DeadLetter]:
         def work(conn: sqlite3.Connection) -> list[DeadLetter]:
-            sql = f"SELECT {_DEAD_LETTER_COLUMNS} FROM dead_letters"
+            sql = f"SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters"
             if projection is None:
                 rows = conn.execute(sql + " ORDER BY projection, position").fetchall()
             else:
@@ -749,7 +720,7 @@ class SqliteViewStore:
     async def get_dead_letter(self, dead_letter_id: int) -> DeadLetter | None:
         def work(conn: sqlite3.Connection) -> DeadLetter | None:
             row = conn.execute(
-                f"SELECT {_DEAD_LETTER_COLUMNS} FROM dead_letters WHERE id = ?",
+                f"SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters WHERE id = ?",
                 (dead_letter_id,),
             ).fetchone()
             return _dead_letter(row) if row else None
@@ -760,18 +731,18 @@ class SqliteViewStore:
         await self.db.read(lambda c: c.execute("SELECT 1 FROM checkpoints LIMIT 1").fetchall())
 
     async def heartbeat(self, owner: str, ttl: float) -> list[str]:
-        live: list[str] = await self.db.submit(_run_each, partial(_heartbeat, owner, ttl))
+        live: list[str] = await self.db.submit(run_each, partial(_heartbeat, owner, ttl))
         return live
 
     async def claim_partitions(
         self, owner: str, wanted: int, partitions: int, ttl: float
     ) -> set[int]:
         work = partial(_claim, owner, wanted, partitions, ttl)
-        held: set[int] = await self.db.submit(_run_each, work)
+        held: set[int] = await self.db.submit(run_each, work)
         return held
 
     async def release_partitions(self, owner: str) -> None:
-        await self.db.submit(_run_each, partial(_release, owner))
+        await self.db.submit(run_each, partial(_release, owner))
 
     async def leases(self) -> dict[int, str]:
         def work(conn: sqlite3.Connection) -> dict[int, str]:
