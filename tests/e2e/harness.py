@@ -7,6 +7,7 @@ passes, so a developer's shell settings never leak into a test.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -17,7 +18,8 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -290,3 +292,53 @@ def insert(client: httpx.Client, data: dict[str, Any], *, record_id: str | None 
     assert response.status_code == 202, response.text
     result: dict[str, Any] = response.json()
     return result
+
+
+@dataclass
+class KillLoad:
+    """What `load_until_killed` saw: the 202 bodies by record id, the ids sent, and the
+    ids sent but never answered (in flight at the kill)."""
+
+    acked: dict[str, dict[str, Any]] = field(default_factory=dict)
+    sent: set[str] = field(default_factory=set)
+    unanswered: set[str] = field(default_factory=set)
+    killed: bool = False
+
+
+async def load_until_killed(
+    server: Server,
+    per_client: Sequence[Sequence[str]],
+    send: Callable[[httpx.AsyncClient, str], Awaitable[httpx.Response]],
+    kill_after: int,
+) -> KillLoad:
+    """One client per list of `per_client` sends its record ids in order; the server is
+    SIGKILLed once `kill_after` commands were acknowledged. A client stops at its first
+    unanswered command. Fails if the load finished before the kill."""
+    load = KillLoad()
+    assert server.proc is not None
+    pid = server.proc.pid
+    enough = asyncio.Event()
+
+    async def worker(rids: Sequence[str]) -> None:
+        async with server.async_client(timeout=30) as client:
+            for rid in rids:
+                load.sent.add(rid)
+                try:
+                    response = await send(client, rid)
+                except httpx.TransportError:
+                    load.unanswered.add(rid)
+                    return
+                assert response.status_code == 202, response.text
+                load.acked[rid] = response.json()
+                if len(load.acked) >= kill_after:
+                    enough.set()
+
+    async def killer() -> None:
+        await enough.wait()
+        os.kill(pid, signal.SIGKILL)
+        load.killed = True
+
+    kill_task = asyncio.create_task(killer())
+    await asyncio.gather(*(worker(rids) for rids in per_client))
+    assert kill_task.done(), "the load finished before the server was killed"
+    return load

@@ -8,8 +8,6 @@ log, read back from Cosmos by the test itself.
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 from typing import Any
 
 import httpx
@@ -23,7 +21,7 @@ from replays import (
     whole_log,
 )
 
-from .harness import Server, ServerPool, insert
+from .harness import ServerPool, insert, load_until_killed
 
 pytestmark = pytest.mark.e2e
 
@@ -47,37 +45,6 @@ PLANNED = [_rid(c, s) for c in range(CLIENTS) for s in range(PER_CLIENT)]
 async def _send(client: httpx.AsyncClient, rid: str) -> httpx.Response:
     return await client.post("/api/command/insert", json={"id": rid, "data": {"rid": rid}},
                              headers={"Idempotency-Key": f"key-{rid}"})
-
-
-async def _load_until_killed(server: Server) -> tuple[dict[str, Any], set[str]]:
-    acked: dict[str, Any] = {}
-    unanswered: set[str] = set()
-    assert server.proc is not None
-    pid = server.proc.pid
-    enough = asyncio.Event()
-
-    async def worker(n: int) -> None:
-        async with server.async_client(timeout=30) as client:
-            for seq in range(PER_CLIENT):
-                rid = _rid(n, seq)
-                try:
-                    response = await _send(client, rid)
-                except httpx.TransportError:
-                    unanswered.add(rid)
-                    return
-                assert response.status_code == 202, response.text
-                acked[rid] = response.json()
-                if len(acked) >= KILL_AFTER_ACKS:
-                    enough.set()
-
-    async def killer() -> None:
-        await enough.wait()
-        os.kill(pid, signal.SIGKILL)
-
-    kill = asyncio.create_task(killer())
-    await asyncio.gather(*(worker(n) for n in range(CLIENTS)))
-    assert kill.done(), "the load finished before the server was killed"
-    return acked, unanswered
 
 
 async def _stored_state(url: str) -> tuple[list[Any], dict[str, Any], dict[str, Any],
@@ -124,7 +91,9 @@ def test_serve_on_cosmos_reads_its_writes_and_survives_kill_9(
         assert again.status_code == 409  # the record exists: refused, nothing stored
 
     # ---- kill -9 under load, restart on the same account
-    acked, unanswered = asyncio.run(_load_until_killed(server))
+    per_client = [[_rid(c, s) for s in range(PER_CLIENT)] for c in range(CLIENTS)]
+    load = asyncio.run(load_until_killed(server, per_client, _send, KILL_AFTER_ACKS))
+    acked, unanswered = load.acked, load.unanswered
     server.kill()
     assert len(acked) >= KILL_AFTER_ACKS and len(acked) < len(PLANNED)
     server.start()

@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import pytest
 
-from .harness import Server, ServerPool, insert, query_sqlite
+from .harness import Server, ServerPool, insert, load_until_killed, query_sqlite
 
 pytestmark = pytest.mark.e2e
 
@@ -45,51 +42,11 @@ def data_of(rid: str) -> dict[str, Any]:
 PLANNED = [record_id(c, s) for c in range(CLIENTS) for s in range(PER_CLIENT)]
 
 
-@dataclass
-class Load:
-    acked: dict[str, dict[str, Any]] = field(default_factory=dict)
-    sent: set[str] = field(default_factory=set)
-    unanswered: set[str] = field(default_factory=set)
-    killed: bool = False
-
-
 async def _send(client: httpx.AsyncClient, rid: str) -> httpx.Response:
     return await client.post(
         "/api/command/insert", json={"id": rid, "data": data_of(rid)},
         headers={"Idempotency-Key": key_of(rid)},
     )
-
-
-async def _load_until_killed(server: Server) -> Load:
-    load = Load()
-    assert server.proc is not None
-    pid = server.proc.pid
-    enough = asyncio.Event()
-
-    async def worker(n: int) -> None:
-        async with server.async_client(timeout=30) as client:
-            for seq in range(PER_CLIENT):
-                rid = record_id(n, seq)
-                load.sent.add(rid)
-                try:
-                    response = await _send(client, rid)
-                except httpx.TransportError:
-                    load.unanswered.add(rid)
-                    return
-                assert response.status_code == 202, response.text
-                load.acked[rid] = response.json()
-                if len(load.acked) >= KILL_AFTER_ACKS:
-                    enough.set()
-
-    async def killer() -> None:
-        await enough.wait()
-        os.kill(pid, signal.SIGKILL)
-        load.killed = True
-
-    kill_task = asyncio.create_task(killer())
-    await asyncio.gather(*(worker(n) for n in range(CLIENTS)))
-    assert kill_task.done(), "the load finished before the server was killed"
-    return load
 
 
 async def _resend(server: Server, ids: list[str]) -> dict[str, httpx.Response]:
@@ -163,7 +120,8 @@ def test_kill_9_mid_load_loses_no_acknowledged_command_and_duplicates_none(
     servers: ServerPool,
 ) -> None:
     server = servers.new(name="crash")
-    load = asyncio.run(_load_until_killed(server))
+    per_client = [[record_id(c, s) for s in range(PER_CLIENT)] for c in range(CLIENTS)]
+    load = asyncio.run(load_until_killed(server, per_client, _send, KILL_AFTER_ACKS))
     server.kill()  # reap the SIGKILLed process
     assert load.killed
     acked = set(load.acked)

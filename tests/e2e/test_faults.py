@@ -17,8 +17,6 @@ nothing lost, nothing doubled, order per stream kept, every 202 in the log.
 
 from __future__ import annotations
 
-import os
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +26,7 @@ import pytest
 from nats.js.errors import NotFoundError
 
 from cqrskit.messages import Envelope
-from integration.nats_helpers import NATS_BINARY, PrivateNatsServer
+from integration.nats_helpers import PrivateNatsServer, require_nats_binary
 
 from .harness import wait_until
 from .topology import (
@@ -37,6 +35,7 @@ from .topology import (
     PARTITIONS,
     PROJECTIONS,
     Topology,
+    assert_commands_accepted_through_a_broker_outage,
     assert_views_match_log,
 )
 
@@ -238,11 +237,7 @@ def test_a_killed_relay_is_replaced_by_the_standby_which_publishes_the_unsaved_e
 def private_nats(tmp_path: Path) -> Iterator[PrivateNatsServer]:
     """A nats-server of this test's own (JetStream, store in tmp_path), started; stopped
     at the end."""
-    if not os.access(NATS_BINARY, os.X_OK):
-        reason = f"no nats-server binary at {NATS_BINARY}"
-        if os.environ.get("CQRSKIT_REQUIRE_SERVICES") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
+    require_nats_binary()
     server = PrivateNatsServer(tmp_path / "nats-store")
     server.start()
     try:
@@ -255,29 +250,7 @@ def test_commands_are_accepted_while_nats_is_down_and_the_views_catch_up_after(
     private_nats: PrivateNatsServer, make_topology: Callable[..., Topology],
 ) -> None:
     topology = make_topology(nats=private_nats.url)
-    with topology.explained():
-        relay = topology.start("relay")
-        topology.start("api")
-        topology.start("update-processor")
-        topology.start("update-processor")
-        topology.wait_ready()
-        load = topology.load("nats")
-        load.wait_accepted(500)
-        wait_until(lambda: any(topology.checkpoints().values()), timeout=30,
-                   what="the views to start following")
-
-        private_nats.stop()
-        stopped = time.monotonic()
-        time.sleep(3)
-        restarting = time.monotonic()
-        during = load.between(stopped, restarting)
-        private_nats.start()
-
-        load.wait_accepted(len(load.accepted) + 500)
-        load.stop()
-        # Commands went on being accepted while the broker was down.
-        assert len(during) >= 50, f"only {len(during)} commands accepted in 3s of outage"
-        assert "relay: publishing positions" in topology.log_of(relay)
-        topology.wait_caught_up()
-        events = assert_views_match_log(topology, load.accepted)
-        print(f"{events} events, {len(during)} accepted while NATS was down")
+    events, during = assert_commands_accepted_through_a_broker_outage(
+        topology, "nats", stop=private_nats.stop, start=private_nats.start, outage=3
+    )
+    print(f"{events} events, {during} accepted while NATS was down")

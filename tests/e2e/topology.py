@@ -20,7 +20,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -415,3 +415,41 @@ def assert_views_match_log(topology: Topology, accepted: list[Accepted]) -> int:
             f"the broker holds {topology.stream_messages()} messages for {len(log)} events"
         )
     return len(log)
+
+
+def assert_commands_accepted_through_a_broker_outage(
+    topology: Topology, prefix: str, *, stop: Callable[[], None], start: Callable[[], None],
+    outage: float,
+) -> tuple[int, int]:
+    """The relay, the API and two update processors under load; the broker is stopped
+    (`stop`) for `outage` seconds, then started again. Commands go on being accepted
+    meanwhile, the relay's publishes fail and are retried, and the views catch up and
+    equal the log. Returns the events in the log and the commands accepted during the
+    outage."""
+    with topology.explained():
+        relay = topology.start("relay")
+        topology.start("api")
+        topology.start("update-processor")
+        topology.start("update-processor")
+        topology.wait_ready()
+        load = topology.load(prefix)
+        load.wait_accepted(500)
+        wait_until(lambda: any(topology.checkpoints().values()), timeout=30,
+                   what="the views to start following")
+
+        stop()
+        stopped = time.monotonic()
+        time.sleep(outage)
+        restarting = time.monotonic()
+        during = load.between(stopped, restarting)
+        start()
+
+        load.wait_accepted(len(load.accepted) + 500)
+        load.stop()
+        # Commands went on being accepted while the broker was down.
+        assert len(during) >= 50, (
+            f"only {len(during)} commands accepted in {outage}s of outage"
+        )
+        assert "relay: publishing positions" in topology.log_of(relay)
+        topology.wait_caught_up()
+        return assert_views_match_log(topology, load.accepted), len(during)

@@ -3,6 +3,7 @@ collecting subscriptions, and a private nats-server that a test may stop."""
 
 import asyncio
 import contextlib
+import os
 import shutil
 import socket
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import nats
+import pytest
 
 from cqrskit.messages import Envelope, new_id
 from cqrskit.ports import Stream
@@ -26,6 +28,16 @@ NATS_START = (
     "(or: docker run -d -p 4222:4222 nats -js)"
 )
 NATS_BINARY = shutil.which("nats-server") or "/usr/sbin/nats-server"
+
+
+def require_nats_binary() -> None:
+    """Skip the calling test when there is no nats-server binary to start a private
+    server with (fail it under CQRSKIT_REQUIRE_SERVICES=1)."""
+    if not os.access(NATS_BINARY, os.X_OK):
+        reason = f"no nats-server binary at {NATS_BINARY}"
+        if os.environ.get("CQRSKIT_REQUIRE_SERVICES") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
 
 
 def unique_names() -> tuple[str, str]:

@@ -4,7 +4,6 @@ one leader at a time. Fakes first, then the real SQLite/PostgreSQL stores and NA
 
 import asyncio
 import contextlib
-import os
 import random
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
@@ -19,7 +18,6 @@ from integration_helpers import (
     whole_log,
 )
 from nats_helpers import (
-    NATS_BINARY,
     NATS_HOST,
     NATS_PORT,
     NATS_SERVER,
@@ -27,6 +25,7 @@ from nats_helpers import (
     PrivateNatsServer,
     collect,
     delete_stream,
+    require_nats_binary,
     stream_messages,
     stream_url,
     unique_names,
@@ -193,11 +192,7 @@ async def nats_stream(require_service: Any) -> AsyncIterator[NatsStream]:
 @pytest.fixture
 def private_nats(tmp_path: Path) -> Any:
     """A nats-server of this test's own, not started yet; stopped at the end."""
-    if not os.access(NATS_BINARY, os.X_OK):
-        reason = f"no nats-server binary at {NATS_BINARY}"
-        if os.environ.get("CQRSKIT_REQUIRE_SERVICES") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
+    require_nats_binary()
     server = PrivateNatsServer(tmp_path / "nats")
     yield server
     server.stop()
@@ -316,17 +311,24 @@ async def test_closing_the_client_mid_run_loses_and_doubles_nothing(
     state = MemoryRelayState()
     relay = Relay(store, nats_stream, state, batch_size=200, idle_wait=0.05, backoff=FAST)
 
-    async def break_connections() -> None:
-        for _ in range(8):
-            await asyncio.sleep(0.03)
+    async def break_connections_until_a_publish_fails() -> None:
+        # Publishing a batch is quick: close the connection again and again, while
+        # events keep coming, until one close lands in the middle of a publish.
+        rng = random.Random(9)
+        deadline = asyncio.get_running_loop().time() + 20
+        round_ = 0
+        while relay.failed_publishes == 0:
+            assert asyncio.get_running_loop().time() < deadline, "no publish was interrupted"
+            await append(store, 300, streams=50, seed=round_)
+            round_ += 1
+            await asyncio.sleep(rng.uniform(0, 0.02))
             link = nats_stream._links.get("publish")
             if link is not None:
                 await link.client.close()
 
     async with running(relay):
-        writer = asyncio.create_task(append(store, 3000, streams=50, seed=9))
-        await break_connections()
-        await writer
+        await break_connections_until_a_publish_fails()
+        await append(store, 300, streams=50, seed=999)  # and the relay goes on after
         await caught_up(relay, store, state, timeout=30)
     assert relay.failed_publishes > 0
     await assert_stream_holds_log(nats_stream, store, partitions=4)
