@@ -121,7 +121,8 @@ def relay_state(store: EventStore) -> RelayState:
         from cqrskit.stores.cosmos_events import CosmosEventStore
         from cqrskit.stores.cosmos_relay import CosmosRelayState
 
-        assert isinstance(store, CosmosEventStore)
+        if not isinstance(store, CosmosEventStore):
+            raise TypeError("a cosmos:// stream needs the Cosmos DB event store")
         return CosmosRelayState(store)
     from cqrskit.stores.postgres import PostgresEventStore, PostgresRelayState
 
@@ -194,7 +195,8 @@ class Runtime:
 
     async def read_status(self) -> dict[str, Any]:
         """The pipeline status from the stores, also handed to the lag gauges."""
-        assert self.store is not None and self.views is not None and self.stream is not None
+        if self.store is None or self.views is None or self.stream is None:
+            raise RuntimeError("the status needs the command DB, the query DB and the stream")
         status = await read_status(self.registry, self.store, self.views, self.stream.partitions)
         publish_status(status)
         return status.to_dict()
@@ -256,21 +258,24 @@ def _build_parts(runtime: Runtime, parts: frozenset[str]) -> None:
     settings, registry = runtime.settings, runtime.registry
     store, views, stream = runtime.store, runtime.views, runtime.stream
     if "commands" in parts:
-        assert store is not None
+        if store is None:
+            raise RuntimeError("commands need the command DB")
         runtime.commands = CommandHandler(
             store, registry, cache_size=settings.aggregate_cache_size
         )
     if views is not None and stream is not None:
         runtime.checkpoints = Checkpoints(views, partitions=stream.partitions)
     if "queries" in parts:
-        assert store is not None and views is not None and runtime.checkpoints is not None
+        if store is None or views is None or runtime.checkpoints is None:
+            raise RuntimeError("queries need the command DB, the query DB and the stream")
         runtime.queries = QueryHandler(
             registry, views, store, runtime.checkpoints,
             consistency_timeout=settings.consistency_timeout,
         )
         runtime.status = StatusSampler(runtime.read_status, settings.status_interval)
     if "processor" in parts:
-        assert views is not None and stream is not None
+        if views is None or stream is None:
+            raise RuntimeError("the update processor needs the query DB and the stream")
         runtime.processor = UpdateProcessor(
             registry, views, stream, partitions=stream.partitions,
             owned=range(stream.partitions),
@@ -283,5 +288,6 @@ def _build_parts(runtime: Runtime, parts: frozenset[str]) -> None:
                 ttl=settings.lease_ttl, heartbeat_seconds=settings.lease_heartbeat,
             )
     if "relay" in parts and stream is not None and stream.needs_relay:
-        assert store is not None
+        if store is None:
+            raise RuntimeError("the relay needs the command DB")
         runtime.relay = Relay(store, stream, relay_state(store))

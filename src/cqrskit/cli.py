@@ -18,9 +18,10 @@ from rich.table import Table
 
 from cqrskit.config import Settings, environment_help
 from cqrskit.errors import CqrskitError
+from cqrskit.redaction import redact
 
 if TYPE_CHECKING:
-    import subprocess
+    import subprocess  # nosec B404 # runs this program's own roles (cqrskit up)
 
     from cqrskit.api.auth import ApiKeys
 
@@ -42,10 +43,12 @@ def _settings(data_dir: Path | None, **overrides: Any) -> Settings:
 
 def _setup_logging(level: str) -> None:
     """Log lines carry the trace and span ids, to find a line's trace and back."""
+    from cqrskit.redaction import RedactSecrets
     from cqrskit.telemetry import TraceIds
 
     handler = logging.StreamHandler()
     handler.addFilter(TraceIds())
+    handler.addFilter(RedactSecrets())
     handler.setFormatter(logging.Formatter(
         "%(asctime)s %(levelname)s %(name)s [trace %(trace_id)s span %(span_id)s]: %(message)s"
     ))
@@ -202,7 +205,8 @@ async def _run_until_signal(settings: Settings, role: str) -> None:
             )
         runtime.start()
         console.print(
-            f"cqrskit {role} running (pid {os.getpid()}): {runtime.describe()}", highlight=False
+            f"cqrskit {role} running (pid {os.getpid()}): {redact(runtime.describe())}",
+            highlight=False,
         )
         await stop.wait()
         console.print(f"cqrskit {role} stopping", highlight=False)
@@ -367,7 +371,7 @@ class _Topology:
 
     def _spawn(self, role: str, host: str = "", port: int = 0, **env: str) -> _Child:
         """Start `cqrskit <role>`; an HTTP role listens on host:port."""
-        import subprocess
+        import subprocess  # nosec B404 # runs this program's own roles (cqrskit up)
         import sys
 
         child_env = {**os.environ, **env}
@@ -375,7 +379,7 @@ class _Topology:
         if port:
             child_env.update(CQRSKIT_HOST=host, CQRSKIT_PORT=str(port))
             url = f"http://{host}:{port}"
-        process = subprocess.Popen([sys.executable, "-m", "cqrskit.cli", role], env=child_env)
+        process = subprocess.Popen([sys.executable, "-m", "cqrskit.cli", role], env=child_env)  # nosec B603 # argv is this python -m cqrskit.cli ROLE: no shell, no outside input
         child = _Child(role, process, url)
         self.children.append(child)
         return child
@@ -416,8 +420,9 @@ class _Topology:
             for child in self.children:
                 say(f"  {child.role:<17} pid {child.process.pid:<8} {child.url}".rstrip(),
                     highlight=False, soft_wrap=True)
-            say(f"  command DB {self.settings.command_db_url}\n  query DB   "
-                f"{self.settings.query_db_url}\n  stream     {self.settings.stream}\n"
+            say(f"  command DB {redact(self.settings.command_db_url)}\n  query DB   "
+                f"{redact(self.settings.query_db_url)}\n  stream     "
+                f"{redact(self.settings.stream)}\n"
                 "Ctrl-C or SIGTERM stops them all.", highlight=False, soft_wrap=True)
             while not self.stopping:
                 for child in self.children:
@@ -441,7 +446,7 @@ class _Topology:
             if any(child.process.poll() is not None for child in self.children):
                 return False
             try:
-                with urllib.request.urlopen(url, timeout=2) as answer:
+                with urllib.request.urlopen(url, timeout=2) as answer:  # nosec B310 # an http:// URL built from the API's own host and port
                     if answer.status == 200:
                         return True
             except (OSError, urllib.error.URLError):
@@ -451,7 +456,7 @@ class _Topology:
 
     def _stop_all(self, say: Callable[..., None]) -> None:
         """SIGTERM every child (each stops cleanly: leases released), SIGKILL laggards."""
-        import subprocess
+        import subprocess  # nosec B404 # runs this program's own roles (cqrskit up)
 
         for child in self.children:
             if child.process.poll() is None:
@@ -635,6 +640,45 @@ async def dead_letters_skip(runtime: Any, dead_letter_id: int) -> None:
     console.print(f"skipped {d.envelope.type} {d.stream_id} v{d.envelope.version}")
 
 
+# ------------------------------------------------------------------- settings
+
+
+@main.group()
+def config() -> None:
+    """Show the settings a process started here would use."""
+
+
+@config.command("show")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def config_show(as_json: bool) -> None:
+    """Every setting's effective value and where it came from (env or default).
+
+    Secrets are shown as ***: secret settings, passwords in URLs, keys in
+    connection strings and query strings, tokens and API keys.
+    """
+    import json
+
+    from pydantic import ValidationError
+
+    from cqrskit.config_report import report
+
+    try:
+        entries = report(Settings())
+    except ValidationError as error:
+        # The error quotes the bad values, which may hold a secret.
+        raise click.ClickException(redact(str(error))) from None
+    if as_json:
+        click.echo(json.dumps(
+            {e.variable: {"value": e.value, "source": e.source} for e in entries}, indent=2))
+        return
+    table = Table("variable", "value", "source")
+    table.columns[0].no_wrap = True
+    table.columns[1].overflow = "fold"
+    for e in entries:
+        table.add_row(e.variable, "" if e.value is None else str(e.value), e.source)
+    console.print(table)
+
+
 # ------------------------------------------------------------------- API keys
 
 keys_file_option = click.option(
@@ -666,17 +710,21 @@ def keys() -> None:
 @click.option("--scope", "scopes", multiple=True, required=True,
               type=click.Choice(["commands:write", "queries:read", "admin"]),
               help="A scope the key grants; repeat for more.")
+@click.option("--tenant", default=None,
+              help="The tenant whose data the key reaches (default: the default tenant).")
 @keys_file_option
-def keys_create(name: str, scopes: tuple[str, ...], keys_file: Path | None) -> None:
+def keys_create(
+    name: str, scopes: tuple[str, ...], tenant: str | None, keys_file: Path | None
+) -> None:
     """Create a key and print it once (it is not stored; keep it now)."""
     store = _api_keys(keys_file)
     try:
-        record, key = store.create(name, list(scopes))
+        record, key = store.create(name, list(scopes), tenant)
     except CqrskitError as error:
         raise click.ClickException(str(error)) from None
     click.echo(key)
-    click.echo(f"created key {record['id']} ({name}: {', '.join(record['scopes'])}); "
-               "it is shown only now", err=True)
+    click.echo(f"created key {record['id']} ({name}: {', '.join(record['scopes'])}; "
+               f"tenant {record.get('tenant', 'default')}); it is shown only now", err=True)
 
 
 @keys.command("list")

@@ -24,6 +24,7 @@ from cqrskit.telemetry import (
     trace_headers,
     tracer,
 )
+from cqrskit.tenancy import is_default, local, scoped
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +62,16 @@ class AggregateCache:
             self._entries.move_to_end(stream_id)
         return aggregate
 
-    def put(self, aggregate: Aggregate) -> None:
+    def put(self, aggregate: Aggregate, stream_id: str | None = None) -> None:
+        """Cache under `stream_id` (a tenant's stored id), else the aggregate's own id."""
         if self.size <= 0:
             return
-        current = self._entries.get(aggregate.id)
+        key = aggregate.id if stream_id is None else stream_id
+        current = self._entries.get(key)
         if current is not None and current.version > aggregate.version:
             return  # a slow read finished after a newer state was cached
-        self._entries[aggregate.id] = aggregate
-        self._entries.move_to_end(aggregate.id)
+        self._entries[key] = aggregate
+        self._entries.move_to_end(key)
         while len(self._entries) > self.size:
             self._entries.popitem(last=False)
 
@@ -93,25 +96,46 @@ class CommandHandler:
         *,
         command_id: str | None = None,
         metadata: dict[str, Any] | None = None,
+        tenant: str | None = None,
     ) -> CommandResult:
         """Decide and store the command's events; return where they landed.
 
         A `command_id` seen before returns the first result and stores nothing.
+        A `tenant` other than the default one gets its own streams and command
+        ids (cqrskit.tenancy); the result then names the stored, prefixed ids.
         """
         with operation(f"command {command.name}", commands, command_duration,
                        {"command": command.name}) as span:
-            result = await self._handle(command, command_id, metadata)
+            if is_default(tenant):
+                result = await self._handle(command, command_id, metadata, tenant)
+            else:
+                result = await self._handle_for_tenant(command, command_id, metadata, tenant)
             span.set_attributes({"cqrskit.stream_id": result.stream_id,
                                  "cqrskit.position": result.position})
             return result
 
+    async def _handle_for_tenant(
+        self, command: Command, command_id: str | None, metadata: dict[str, Any] | None,
+        tenant: str | None,
+    ) -> CommandResult:
+        """As _handle; errors name the ids the tenant sent, not the stored ones."""
+        try:
+            return await self._handle(command, command_id, metadata, tenant)
+        except ConcurrencyConflict as error:
+            raise ConcurrencyConflict(
+                local(error.stream_id), error.expected, error.current) from None
+        except IdempotencyKeyReused as error:
+            raise IdempotencyKeyReused(local(error.command_id)) from None
+
     async def _handle(
-        self, command: Command, command_id: str | None, metadata: dict[str, Any] | None
+        self, command: Command, command_id: str | None, metadata: dict[str, Any] | None,
+        tenant: str | None,
     ) -> CommandResult:
         aggregate_type = self._aggregates.get(type(command))
         if aggregate_type is None:
             raise CommandRejected(f"no aggregate handles {type(command).__name__}")
         if command_id is not None:
+            command_id = scoped(tenant, command_id)
             digest = command_hash(command)
             stored = await self.store.get_command(command_id)
             if stored is not None:
@@ -120,7 +144,7 @@ class CommandHandler:
                 return replace(stored.result, replayed=True)
         else:
             # A fresh id cannot come back with another command: no digest needed.
-            command_id, digest = new_id(), ""
+            command_id, digest = scoped(tenant, new_id()), ""
         # The events carry this command's span as their parent: the update
         # processors, in any process, continue the trace from there.
         metadata = {
@@ -130,20 +154,23 @@ class CommandHandler:
             **(metadata or {}),
             **trace_headers(),
         }
-        stream_id = command.target_id()
-        new_stream = stream_id is None
-        if new_stream:
+        if tenant is not None:
+            metadata["tenant"] = tenant
+        local_id = command.target_id()
+        new_stream = local_id is None
+        if local_id is None:  # also tells mypy that local_id is a str after it
             if not command.creates:
                 raise CommandRejected(
                     f"{command.name} needs the field {command.aggregate_id_field!r}"
                 )
-            stream_id = new_id()
-        assert stream_id is not None
+            local_id = new_id()
+        # The aggregate knows the id its caller sent; the store, the tenant's stream.
+        stream_id = scoped(tenant, local_id)
         expected = command.target_version()
 
         for attempt in range(1, MAX_ATTEMPTS + 1):
             aggregate, events = await self._decide(
-                aggregate_type, stream_id, new_stream, command, expected
+                aggregate_type, stream_id, local_id, new_stream, command, expected
             )
             if not events:
                 return CommandResult(command_id, stream_id, aggregate.version, 0)
@@ -180,7 +207,7 @@ class CommandHandler:
                 events_appended.add(len(events), {"stream_type": aggregate.stream_type})
                 for event in events:
                     aggregate.evolve(event)
-                self.cache.put(aggregate)
+                self.cache.put(aggregate, stream_id)
             return result
         raise AssertionError("unreachable")
 
@@ -188,12 +215,13 @@ class CommandHandler:
         self,
         aggregate_type: type[Aggregate],
         stream_id: str,
+        local_id: str,
         new_stream: bool,
         command: Command,
         expected: int | None,
     ) -> tuple[Aggregate, list[Event]]:
         if new_stream:
-            aggregate = aggregate_type(stream_id)
+            aggregate = aggregate_type(local_id)
             return aggregate, _check_and_decide(aggregate, command, expected)
         cached = self.cache.get(stream_id)
         if isinstance(cached, aggregate_type):
@@ -203,11 +231,13 @@ class CommandHandler:
                 # Another process may have moved the stream on: refuse only on
                 # state read from the store.
                 self.cache.evict(stream_id)
-        aggregate = await self._read(aggregate_type, stream_id)
+        aggregate = await self._read(aggregate_type, stream_id, local_id)
         return aggregate, _check_and_decide(aggregate, command, expected)
 
-    async def _read(self, aggregate_type: type[Aggregate], stream_id: str) -> Aggregate:
-        aggregate = aggregate_type(stream_id)
+    async def _read(
+        self, aggregate_type: type[Aggregate], stream_id: str, local_id: str
+    ) -> Aggregate:
+        aggregate = aggregate_type(local_id)
         envelopes = await self.store.read_stream(stream_id)
         if envelopes and envelopes[0].stream_type != aggregate.stream_type:
             raise NotFound(f"no {aggregate.stream_type} with id {stream_id!r}")
@@ -217,7 +247,7 @@ class CommandHandler:
         if aggregate.version:
             # An aggregate that does not exist yet is not cached: another process
             # may create it at any moment.
-            self.cache.put(aggregate)
+            self.cache.put(aggregate, stream_id)
         return aggregate
 
 

@@ -135,6 +135,47 @@ class Settings(BaseSettings):
         default=30.0, ge=0, le=300,
         description="seconds of clock skew allowed on a token's exp, nbf and iat",
     )
+    oidc_tenant_claim: str = Field(
+        default="tid", description="the token claim naming the caller's tenant (Entra ID: "
+        "tid); empty = every token in the default tenant; see docs/security.md#tenants",
+    )
+    oidc_tenant_required: bool = Field(
+        default=False, description="refuse (403) a token without the tenant claim, instead "
+        "of placing it in the default tenant",
+    )
+
+    rate_limit: float = Field(
+        default=0.0, ge=0,
+        description="requests per second each caller (API key or token subject; client "
+        "address without auth) may make, commands and queries counted apart; 0 = no limit. "
+        "Per process: N API processes allow N times this",
+    )
+    rate_burst: int = Field(
+        default=20, ge=1, description="requests a caller may make at once above the rate"
+    )
+    request_timeout: float = Field(
+        default=30.0, gt=0, le=3600,
+        description="seconds a request may run before a 504 (a consistency wait adds "
+        "CQRSKIT_CONSISTENCY_TIMEOUT; the status stream is not limited)",
+    )
+    cors_origins: str = Field(
+        default="", description="comma-separated origins browsers may call the API from "
+        "(https://app.example.com); empty = no CORS headers",
+    )
+    security_headers: bool = Field(
+        default=True, description="send nosniff, no-referrer, frame denial, no-store and "
+        "the Content-Security-Policy on every response",
+    )
+    content_security_policy: str = Field(
+        default="default-src 'self'; img-src 'self' data:; object-src 'none'; "
+        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+        description="the Content-Security-Policy header (the /docs pages get one that also "
+        "allows their CDN); empty = none",
+    )
+    hsts_max_age: int = Field(
+        default=0, ge=0, description="seconds for Strict-Transport-Security; 0 = not sent "
+        "(set it only when the API is reached over HTTPS)",
+    )
 
     @property
     def auth_modes(self) -> frozenset[str]:

@@ -173,10 +173,13 @@ class ViewReader(Protocol):
         after: str | None = None,
         limit: int = 50,
         descending: bool = False,
+        id_range: tuple[str, str] | None = None,
     ) -> Page:
         """Documents whose fields equal `filters`, ordered by id, after the cursor.
 
-        A filter key is a dotted path of identifiers (`data.color`).
+        A filter key is a dotted path of identifiers (`data.color`). `id_range`
+        (low, high) keeps only ids with low <= id < high, compared by code point,
+        as a range on the primary key: a tenant's documents (cqrskit.tenancy).
         """
         ...
 

@@ -11,6 +11,7 @@ from cqrskit.messages import ConsistencyToken, stream_hash
 from cqrskit.ports import EventStore, ViewStore
 from cqrskit.registry import Query, Registry
 from cqrskit.telemetry import operation, queries, query_duration
+from cqrskit.tenancy import TenantViews, local, scoped
 
 
 @dataclass(slots=True, frozen=True)
@@ -40,16 +41,22 @@ class QueryHandler:
         self.checkpoints = checkpoints
         self.consistency_timeout = consistency_timeout
 
-    async def handle(self, query: Query, consistency_token: str | None = None) -> Answer:
+    async def handle(
+        self, query: Query, consistency_token: str | None = None, tenant: str | None = None
+    ) -> Answer:
+        """Run the query; with a `tenant`, on that tenant's documents only (cqrskit.tenancy)."""
         with operation(f"query {query.name}", queries, query_duration, {"query": query.name}):
-            return await self._handle(query, consistency_token)
+            return await self._handle(query, consistency_token, tenant)
 
-    async def _handle(self, query: Query, consistency_token: str | None) -> Answer:
+    async def _handle(
+        self, query: Query, consistency_token: str | None, tenant: str | None
+    ) -> Answer:
         fresh = None
         if consistency_token:
             fresh = await self._wait(query, self._decode(consistency_token))
+        views = self.views if tenant is None else TenantViews(self.views, tenant)
         try:
-            result = await query.run(self.views)
+            result = await query.run(views)
         except CqrskitError as error:
             if fresh is not None:
                 error.headers = {**(error.headers or {}), "X-Consistency": _header(fresh)}
@@ -90,9 +97,12 @@ class QueryHandler:
                     return False
         return True
 
-    async def command_status(self, command_id: str) -> dict[str, Any]:
-        """Whether a command's events have reached each view, from the checkpoints."""
-        stored = await self.store.get_command(command_id)
+    async def command_status(self, command_id: str, tenant: str | None = None) -> dict[str, Any]:
+        """Whether a command's events have reached each view, from the checkpoints.
+
+        A `tenant` finds only its own commands: another tenant's id is not found.
+        """
+        stored = await self.store.get_command(scoped(tenant, command_id))
         if stored is None:
             raise NotFound(f"no command with id {command_id!r} was accepted")
         result = stored.result
@@ -113,8 +123,11 @@ class QueryHandler:
         overall = "projected" if states <= {"projected"} else (
             "parked" if "parked" in states else "pending"
         )
+        answer = result.to_dict()
         return {
-            **result.to_dict(),
+            **answer,
+            "id": local(answer["id"]),
+            "command_id": local(answer["command_id"]),
             "position": result.position,
             "status": overall,
             "projections": projections,

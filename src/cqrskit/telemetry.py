@@ -243,6 +243,8 @@ def _configure_sdk(chosen: str, resource: Any, prometheus: Any) -> None:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 
+    from cqrskit.redaction import RedactingSpanExporter
+
     readers: list[MetricReader] = [prometheus]
     span_exporter: SpanExporter | None = None
     if chosen == "otlp":
@@ -269,7 +271,7 @@ def _configure_sdk(chosen: str, resource: Any, prometheus: Any) -> None:
         tracer_provider = TracerProvider(resource=resource)
         trace.set_tracer_provider(tracer_provider)
         _shutdown.append(tracer_provider.shutdown)
-    tracer_provider.add_span_processor(BatchSpanProcessor(span_exporter))
+    tracer_provider.add_span_processor(BatchSpanProcessor(RedactingSpanExporter(span_exporter)))
 
 
 def _configure_azure(resource: Any, prometheus: Any) -> None:

@@ -23,6 +23,7 @@ from cqrskit.messages import Envelope
 from cqrskit.ports import DeadLetter, Stream, UnitOfWork, ViewStore
 from cqrskit.registry import Projection, Registry
 from cqrskit.telemetry import batch_span, events_projected
+from cqrskit.tenancy import documents_read, for_projection
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,12 @@ class _CheckpointBehind(Exception):
 
 def describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
+
+
+def _apply(projection: Projection, envelope: Envelope, uow: UnitOfWork) -> None:
+    """Apply one event; a tenant's event sees its plain ids and its own documents only."""
+    envelope, views = for_projection(envelope, uow)
+    projection.apply(envelope, views)
 
 
 class ProjectionRunner:
@@ -154,7 +161,7 @@ class ProjectionRunner:
                 continue
             if self.projection.handles(envelope.type):
                 try:
-                    self.projection.apply(self.registry.upcast(envelope), uow)
+                    _apply(self.projection, self.registry.upcast(envelope), uow)
                 except Exception as error:
                     raise _EventFailed(index, error) from error
         position = max(stored, batch[-1].position)
@@ -165,7 +172,7 @@ class ProjectionRunner:
         wanted: dict[str, set[str]] = {}
         for envelope in batch:
             if envelope.position > stored and self.projection.handles(envelope.type):
-                for collection, doc_id in self.projection.documents_read(envelope):
+                for collection, doc_id in documents_read(self.projection, envelope):
                     wanted.setdefault(collection, set()).add(doc_id)
         for collection, doc_ids in wanted.items():
             uow.prefetch(collection, doc_ids)
@@ -374,7 +381,7 @@ async def retry_dead_letters(
                 return None
             head = queued[0]
             try:
-                projection.apply(registry.upcast(head.envelope), uow)
+                _apply(projection, registry.upcast(head.envelope), uow)
             except Exception as error:
                 raise _EventFailed(head.id, error) from error
             uow.remove_dead_letter(head.id)

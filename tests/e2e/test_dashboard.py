@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,18 @@ def browser() -> Iterator[Any]:
         launched.close()
 
 
+def _wait_for_text(
+    page: Any, selector: str, check: Callable[[str], bool], timeout: float = 30
+) -> None:
+    """Poll an element's text from Python. Not `page.wait_for_function`: its string
+    predicate runs through eval, which the dashboard's Content-Security-Policy forbids."""
+    deadline = time.monotonic() + timeout
+    while not check(page.text_content(selector) or ""):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{selector} still shows {page.text_content(selector)!r}")
+        page.wait_for_timeout(50)
+
+
 @pytest.fixture
 def server(servers: ServerPool, tmp_path: Path) -> Server:
     return servers.new({
@@ -83,7 +96,7 @@ def test_dashboard_shows_the_pipeline_lag_and_a_record_round_trip(
     for node in ("API", "Command handler", "Command DB", "Event stream", "Update processors",
                  "Query DB", "Query handler"):
         assert page.locator("#pipeline .node b", has_text=node).count() == 1, node
-    page.wait_for_function("document.querySelector('#lag-table tbody').rows.length >= 3")
+    page.locator("#lag-table tbody tr").nth(2).wait_for()  # at least 3 rows
     assert page.text_content("#lag-events") == "0"
 
     # Hold the views back: the lag figure rises while the log grows.
@@ -93,23 +106,23 @@ def test_dashboard_shows_the_pipeline_lag_and_a_record_round_trip(
         insert(client, {"gate": True})
         for i in range(5):
             insert(client, {"i": i})
-    page.wait_for_function("Number(document.getElementById('lag-events').textContent) >= 5")
+    _wait_for_text(page, "#lag-events", lambda text: text.isdigit() and int(text) >= 5)
     assert page.locator("#node-query-db.behind").count() == 1
     page.screenshot(path=str(ARTIFACTS / "lagging.png"), full_page=True)
 
     # Let go: the processor catches up and the figure falls back to 0.
     gate.unlink()
-    page.wait_for_function("document.getElementById('lag-events').textContent === '0'")
+    _wait_for_text(page, "#lag-events", lambda text: text == "0")
     assert page.locator("#recent tbody tr").count() >= 6
 
     # A record through the form, read back through the form with its consistency token.
     page.fill("#insert-data", '{"color": "teal", "size": 7}')
     page.click("#insert-form button")
-    page.wait_for_function("document.getElementById('insert-result').textContent.startsWith('202')")
+    _wait_for_text(page, "#insert-result", lambda text: text.startswith("202"))
     record_id = page.input_value("#query-id")
     assert record_id
     page.click("#query-form button")
-    page.wait_for_function("document.getElementById('query-result').textContent.includes('200')")
+    _wait_for_text(page, "#query-result", lambda text: "200" in text)
     answer = page.text_content("#query-result") or ""
     assert "(fresh read)" in answer and '"color": "teal"' in answer and record_id in answer
     page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)

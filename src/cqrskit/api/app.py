@@ -20,8 +20,10 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 
-from cqrskit.api import errors
+from cqrskit import redaction
+from cqrskit.api import errors, headers, limits
 from cqrskit.api.auth import ADMIN, COMMANDS_WRITE, QUERIES_READ, Authenticator
 from cqrskit.api.dashboard import dashboard_router
 from cqrskit.api.forwarding import Forwarder, open_client
@@ -48,6 +50,7 @@ COMMAND_ROUTES = ("serve", "api", "command-handler")
 QUERY_ROUTES = ("serve", "api", "query-handler")
 DEAD_LETTER_ROUTES = ("serve", "api")
 DASHBOARD = ("serve", "api", "query-handler")
+RATE_LIMITED = ("serve", "api")
 # Probes, scrapes and the dashboard (its page and its status stream) are not traced.
 UNTRACED = ("/healthz", "/readyz", "/metrics", "/api/status", "/dashboard")
 
@@ -117,6 +120,8 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Now that uvicorn has set up its log handlers: no secret reaches them either.
+        redaction.protect()
         async with contextlib.AsyncExitStack() as stack:
             runtime = await open_runtime(settings, registry, role=role)
             stack.push_async_callback(runtime.close)
@@ -141,33 +146,44 @@ def create_app(
         telemetry={"operation_spans": False, "logs": False, "exclude": _untraced},
     )
     errors.install(app)
+    limits.install(app)
     app.add_middleware(errors.BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(limits.RequestTimeout, seconds=settings.request_timeout,
+                       consistency_seconds=settings.consistency_timeout)
+    cors = headers.cors_options(settings)
+    if cors is not None:
+        app.add_middleware(CORSMiddleware, **cors)  # type: ignore[arg-type]
+    # Outermost, so that every answer (413, 429, 504 and CORS preflights too) has them.
+    app.add_middleware(headers.SecurityHeaders, settings=settings)
     auth = Authenticator(settings)
+    # Authentication, then the caller's rate limit; only where clients call in: the
+    # handler services behind an API would see every caller as the API's address.
+    guard = limits.RateLimiter(settings, auth, enabled=role in RATE_LIMITED)
     commands = services.commands if role in COMMAND_ROUTES else None
     queries = services.queries if role in QUERY_ROUTES else None
     for domain in registry.domains:
         if commands is not None:
             app.include_router(domain_router(domain, commands, None),
-                               dependencies=auth.requires(COMMANDS_WRITE))
+                               dependencies=guard.requires(COMMANDS_WRITE))
         if queries is not None:
             app.include_router(domain_router(domain, None, queries),
-                               dependencies=auth.requires(QUERIES_READ))
+                               dependencies=guard.requires(QUERIES_READ))
     # Probes and scrapes stay open: orchestrators and Prometheus call them without
     # credentials, and they reveal only health and counters.
     app.include_router(health_router(services.readiness))
     if queries is not None:
         app.include_router(command_status_router(queries),
-                           dependencies=auth.requires(QUERIES_READ))
+                           dependencies=guard.requires(QUERIES_READ))
     if role in DEAD_LETTER_ROUTES:
         if "queries" in local:
             app.include_router(dead_letters_router(registry, services.views),
-                               dependencies=auth.requires(ADMIN))
+                               dependencies=guard.requires(ADMIN))
         else:
-            app.include_router(dead_letters_elsewhere_router(), dependencies=auth.requires(ADMIN))
+            app.include_router(dead_letters_elsewhere_router(), dependencies=guard.requires(ADMIN))
     if role in DASHBOARD:
         # The page and its files hold no data and stay open; the status routes need
         # queries:read (so with auth on, the page shows no figures: docs/security.md).
-        app.include_router(dashboard_router(services.status, auth.requires(QUERIES_READ)))
+        app.include_router(dashboard_router(services.status, guard.requires(QUERIES_READ)))
     return app
 
 

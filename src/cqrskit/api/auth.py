@@ -33,12 +33,13 @@ from typing import Annotated, Any
 
 import httpx
 import jwt
-from fastapi import Depends
+from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
 from cqrskit.config import Settings
 from cqrskit.errors import CqrskitError, Unavailable
+from cqrskit.tenancy import DEFAULT, TENANT_PATTERN, valid_tenant
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +57,20 @@ LOOPBACK_NAMES = ("localhost",)
 
 @dataclass(frozen=True)
 class Principal:
-    """Who made the request, and what they may do."""
+    """Who made the request, what they may do, and whose data it is (cqrskit.tenancy)."""
 
     subject: str
     scopes: frozenset[str]
+    tenant: str = DEFAULT
+
+
+def request_tenant(request: Request) -> str | None:
+    """The tenant of the request's authenticated principal; None with authentication off.
+
+    Only ever from the credential: no header or body field a caller chooses.
+    """
+    principal = getattr(request.state, "principal", None)
+    return principal.tenant if isinstance(principal, Principal) else None
 
 
 def _unauthorized(message: str, *, invalid: bool = True) -> HTTPException:
@@ -119,11 +130,18 @@ class ApiKeys:
                 os.unlink(temporary)
             raise
 
-    def create(self, name: str, scopes: list[str]) -> tuple[dict[str, Any], str]:
-        """A new key: its record (stored) and the key itself (shown once, never stored)."""
+    def create(
+        self, name: str, scopes: list[str], tenant: str | None = None
+    ) -> tuple[dict[str, Any], str]:
+        """A new key: its record (stored) and the key itself (shown once, never stored).
+
+        Without a tenant (or with `default`) the key belongs to the default tenant.
+        """
         unknown = set(scopes) - set(SCOPES)
         if unknown or not scopes:
             raise CqrskitError(f"scopes must be some of {', '.join(SCOPES)}; got {scopes}")
+        if tenant is not None and not valid_tenant(tenant):
+            raise CqrskitError(f"tenant {tenant!r} must match {TENANT_PATTERN}")
         records = dict(self.records())
         key_id = secrets.token_hex(6)
         secret = secrets.token_urlsafe(32)  # 256 random bits
@@ -131,6 +149,8 @@ class ApiKeys:
             "id": key_id, "name": name, "scopes": sorted(set(scopes)), "hash": _hash(secret),
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"), "revoked_at": None,
         }
+        if tenant is not None and tenant != DEFAULT:
+            record["tenant"] = tenant
         records[key_id] = record
         self._write(records)
         return record, f"{KEY_PREFIX}_{key_id}_{secret}"
@@ -156,7 +176,9 @@ class ApiKeys:
             raise _unauthorized("the API key is not valid")
         if record.get("revoked_at"):
             raise _unauthorized("the API key was revoked")
-        return Principal(f"key:{key_id}", frozenset(record["scopes"]))
+        # Keys written before tenants existed have none: the default tenant.
+        return Principal(f"key:{key_id}", frozenset(record["scopes"]),
+                         record.get("tenant") or DEFAULT)
 
 
 # ------------------------------------------------------------- OpenID Connect
@@ -174,6 +196,8 @@ class OidcTokens:
         self.audience = settings.oidc_audience
         self.leeway = settings.oidc_leeway
         self.claims = [c.strip() for c in settings.oidc_scopes_claim.split(",") if c.strip()]
+        self.tenant_claim = settings.oidc_tenant_claim.strip()
+        self.tenant_required = settings.oidc_tenant_required
         self.jwks_url = settings.oidc_jwks_url
         self._keys: jwt.PyJWKClient | None = None
 
@@ -228,7 +252,26 @@ class OidcTokens:
                 scopes.update(value.split())
             elif isinstance(value, list):
                 scopes.update(str(v) for v in value)
-        return Principal(f"oidc:{claims.get('sub', '?')}", frozenset(scopes))
+        return Principal(f"oidc:{claims.get('sub', '?')}", frozenset(scopes),
+                         self._tenant(claims))
+
+    def _tenant(self, claims: dict[str, Any]) -> str:
+        """The tenant the token's claim names; 403 if it names none (when one is required)
+        or one that is not a valid tenant name."""
+        if not self.tenant_claim:
+            return DEFAULT
+        value = claims.get(self.tenant_claim)
+        if value is None:
+            if self.tenant_required:
+                raise HTTPException(
+                    403, f"the token has no {self.tenant_claim!r} claim naming its tenant, "
+                    "and this service requires one (CQRSKIT_OIDC_TENANT_REQUIRED)")
+            return DEFAULT
+        if not isinstance(value, str) or not valid_tenant(value):
+            raise HTTPException(
+                403, f"the token's {self.tenant_claim!r} claim is not a tenant name "
+                f"(it must match {TENANT_PATTERN})")
+        return value
 
     async def verify(self, token: str) -> Principal:
         # PyJWKClient fetches with blocking urllib: keep that off the event loop.
@@ -285,12 +328,15 @@ class Authenticator:
             return []
 
         async def dependency(
+            request: Request,
             bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
             api_key: Annotated[str | None, Depends(_api_key)],
         ) -> Principal:
             principal = await self.authenticate(bearer, api_key)
             if scope not in principal.scopes:
                 raise HTTPException(403, f"this credential lacks the scope {scope!r}")
+            # The services read the tenant from here (request_tenant).
+            request.state.principal = principal
             return principal
 
         return [Depends(dependency)]

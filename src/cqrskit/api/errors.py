@@ -78,7 +78,8 @@ def _location(loc: tuple[Any, ...]) -> str:
 
 
 async def _validation(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, RequestValidationError)
+    if not isinstance(exc, RequestValidationError):  # registered for this type only
+        raise exc
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
         detail = next(e for e in errors if e.get("type") == "json_invalid")
@@ -102,7 +103,8 @@ async def _validation(request: Request, exc: Exception) -> Response:
 
 
 async def _http(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
+    if not isinstance(exc, HTTPException):  # registered for this type only
+        raise exc
     code = _HTTP_CODES.get(exc.status_code, "http_error")
     message = str(exc.detail)
     if exc.status_code == 404 and message == "Not Found":
@@ -113,7 +115,8 @@ async def _http(request: Request, exc: Exception) -> Response:
 
 
 async def _domain(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, CqrskitError)
+    if not isinstance(exc, CqrskitError):  # registered for this type only
+        raise exc
     # A deliberate error of no more specific kind is still the caller's to fix: 400.
     status, code = next(
         ((status, code) for kind, status, code in _STATUS if isinstance(exc, kind)),

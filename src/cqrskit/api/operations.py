@@ -6,11 +6,14 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 
+from cqrskit.api.auth import request_tenant
 from cqrskit.api.errors import error_response, error_responses
 from cqrskit.api.routes import QueriesRef
+from cqrskit.errors import NotFound
 from cqrskit.messages import IDENTIFIER_PATTERN
-from cqrskit.ports import ViewStore
+from cqrskit.ports import DeadLetter, ViewStore
 from cqrskit.registry import Registry
+from cqrskit.tenancy import local, tenant_of
 from cqrskit.update_processor import retry_dead_letters, skip_dead_letter
 
 DeadLetterId = Annotated[int, Path(ge=1, le=2**62)]
@@ -64,6 +67,26 @@ def command_status_router(queries: QueriesRef) -> APIRouter:
     return router
 
 
+def _shown(dead_letter: DeadLetter, tenant: str | None) -> dict[str, Any]:
+    """A dead letter as its tenant's admin sees it: the stream id it knows."""
+    shown = dead_letter.to_dict()
+    if tenant is not None:
+        shown["stream_id"] = local(shown["stream_id"])
+        shown["tenant"] = tenant
+    return shown
+
+
+async def _own_dead_letter(views: ViewStore, dead_letter_id: int, tenant: str | None) -> None:
+    """404 unless the dead letter exists and belongs to the caller's tenant.
+
+    An admin of one tenant sees and touches only that tenant's dead letters; with
+    authentication off (one party) and in the CLI (which opens the DB itself), all.
+    """
+    dead_letter = await views.get_dead_letter(dead_letter_id)
+    if dead_letter is None or (tenant is not None and tenant_of(dead_letter.envelope) != tenant):
+        raise NotFound(f"no dead letter with id {dead_letter_id}")
+
+
 def dead_letters_router(registry: Registry, views: ViewsRef) -> APIRouter:
     """Dead letters, served by a process that has the query DB open."""
     router = APIRouter(tags=["operations"])
@@ -71,12 +94,16 @@ def dead_letters_router(registry: Registry, views: ViewsRef) -> APIRouter:
     @router.get("/api/dead-letters", summary="Parked events", responses=error_responses(
         _404="no projection of that name", _503="a store cannot be reached; retry later"))
     async def list_dead_letters(
+        request: Request,
         projection: Annotated[str | None, Query(pattern=r"^[a-z][a-z0-9_]{0,62}$")] = None,
     ) -> dict[str, Any]:
         if projection is not None:
             registry.projection(projection)
         letters = await views().list_dead_letters(projection)
-        return {"items": [d.to_dict() for d in letters]}
+        tenant = request_tenant(request)
+        if tenant is not None:
+            letters = [d for d in letters if tenant_of(d.envelope) == tenant]
+        return {"items": [_shown(d, tenant) for d in letters]}
 
     @router.post(
         "/api/dead-letters/{dead_letter_id}/retry",
@@ -87,7 +114,8 @@ def dead_letters_router(registry: Registry, views: ViewsRef) -> APIRouter:
             _503="a store cannot be reached; retry later",
         ),
     )
-    async def retry(dead_letter_id: DeadLetterId) -> Response:
+    async def retry(request: Request, dead_letter_id: DeadLetterId) -> Response:
+        await _own_dead_letter(views(), dead_letter_id, request_tenant(request))
         outcome = await retry_dead_letters(registry, views(), dead_letter_id)
         if outcome.error is not None:
             return error_response(
@@ -102,9 +130,11 @@ def dead_letters_router(registry: Registry, views: ViewsRef) -> APIRouter:
         responses=error_responses(_404="no dead letter with this id",
                                   _503="a store cannot be reached; retry later"),
     )
-    async def skip(dead_letter_id: DeadLetterId) -> dict[str, Any]:
+    async def skip(request: Request, dead_letter_id: DeadLetterId) -> dict[str, Any]:
+        tenant = request_tenant(request)
+        await _own_dead_letter(views(), dead_letter_id, tenant)
         dead_letter = await skip_dead_letter(views(), dead_letter_id)
-        return {"skipped": dead_letter.to_dict()}
+        return {"skipped": _shown(dead_letter, tenant)}
 
     return router
 

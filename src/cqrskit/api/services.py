@@ -14,10 +14,12 @@ import orjson
 from fastapi import Request, Response
 from pydantic import TypeAdapter
 
+from cqrskit.api.auth import request_tenant
 from cqrskit.command_handler import CommandHandler
 from cqrskit.messages import Command, CommandResult
 from cqrskit.query_handler import QueryHandler
 from cqrskit.registry import Query
+from cqrskit.tenancy import public_result
 
 JSON = "application/json"
 
@@ -39,10 +41,12 @@ class QueryService(Protocol):
 
 
 def accepted(result: CommandResult) -> Response:
-    headers = {"Location": f"/api/commands/{result.command_id}"}
+    # A tenant's stored ids carry its prefix; its caller sees the ids it knows.
+    answer = public_result(result.to_dict())
+    headers = {"Location": f"/api/commands/{answer['command_id']}"}
     if result.replayed:
         headers["Idempotent-Replayed"] = "true"
-    return Response(orjson.dumps(result.to_dict()), 202, headers, media_type=JSON)
+    return Response(orjson.dumps(answer), 202, headers, media_type=JSON)
 
 
 class LocalCommands:
@@ -60,7 +64,8 @@ class LocalCommands:
         if traceparent:
             metadata["traceparent"] = traceparent[:64]
         result = await self.handler.handle(
-            command, command_id=request.headers.get("idempotency-key"), metadata=metadata
+            command, command_id=request.headers.get("idempotency-key"), metadata=metadata,
+            tenant=request_tenant(request),
         )
         return accepted(result)
 
@@ -73,7 +78,9 @@ class LocalQueries:
         self._results: dict[type[Query], TypeAdapter[Any]] = {}
 
     async def query(self, query: Query, request: Request) -> Response:
-        answer = await self.handler.handle(query, request.headers.get("x-consistency-token"))
+        answer = await self.handler.handle(
+            query, request.headers.get("x-consistency-token"), request_tenant(request)
+        )
         headers = {}
         if answer.fresh is not None:
             headers["X-Consistency"] = "fresh" if answer.fresh else "stale"
@@ -87,5 +94,5 @@ class LocalQueries:
         return adapter.dump_json(adapter.validate_python(result), by_alias=True)
 
     async def command_status(self, command_id: str, request: Request) -> Response:
-        status = await self.handler.command_status(command_id)
+        status = await self.handler.command_status(command_id, request_tenant(request))
         return Response(orjson.dumps(status), 200, media_type=JSON)

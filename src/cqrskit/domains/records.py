@@ -21,6 +21,9 @@ domain = Domain("records", prefix="/api")
 
 MAX_PAGE_SIZE = 500
 MAX_FILTERS = 8
+# A filter's text (field:value) and how deep its field may reach into the data.
+MAX_FILTER_LENGTH = 256
+MAX_FILTER_DEPTH = 4
 
 
 # ------------------------------------------------------------------- commands
@@ -223,9 +226,16 @@ class GetRecord(Query):
 
 def parse_filter(text: str) -> tuple[str, Any]:
     """`field:value`: the value is read as JSON when it is JSON, else as a string."""
+    if len(text) > MAX_FILTER_LENGTH:
+        raise InvalidRequest(
+            f"filter {text[:40]!r}... is {len(text)} characters long; at most "
+            f"{MAX_FILTER_LENGTH} are allowed")
     field, sep, raw = text.partition(":")
     if not sep or not field:
         raise InvalidRequest(f"filter {text!r} must look like field:value, e.g. color:red")
+    if field.count(".") >= MAX_FILTER_DEPTH:
+        raise InvalidRequest(
+            f"filter field {field!r} is nested too deep; at most {MAX_FILTER_DEPTH} levels")
     try:
         value = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -255,6 +265,9 @@ class ListRecords(Query):
 
     async def run(self, views: ViewReader) -> RecordPage:
         filters = dict(parse_filter(f) for f in self.filter)
+        if len(filters) < len(self.filter):
+            # Two values for one field would match nothing, or silently drop one.
+            raise InvalidRequest("each field may be filtered on once; a field was given twice")
         page = await views.find("records", filters, after=self.cursor, limit=self.limit)
         return RecordPage(
             items=[RecordView.model_validate(d) for d in page.items], next_cursor=page.next_cursor

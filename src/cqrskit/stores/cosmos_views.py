@@ -225,7 +225,7 @@ class CosmosViewStore:
             committed = await self._commit(head, entry, transaction.next_dead_letter)
             if committed is None:
                 # Another writer committed first: what the units read may be stale.
-                await asyncio.sleep(random.uniform(0, min(0.05, 0.002 * attempt)))
+                await asyncio.sleep(random.uniform(0, min(0.05, 0.002 * attempt)))  # nosec B311 # jitter between commit retries, not a secret
                 continue
             await self._apply(entry)
             await self._close(committed)
@@ -356,6 +356,7 @@ class CosmosViewStore:
         after: str | None = None,
         limit: int = 50,
         descending: bool = False,
+        id_range: tuple[str, str] | None = None,
     ) -> Page:
         check_limit(limit)
         self._usable()
@@ -371,8 +372,12 @@ class CosmosViewStore:
         if after is not None:
             clauses.append("c.id < @after" if descending else "c.id > @after")
             params["@after"] = decode_cursor(after)
+        if id_range is not None:
+            # Cosmos compares strings by code point and range-indexes c.id.
+            clauses.append("c.id >= @low AND c.id < @high")
+            params["@low"], params["@high"] = id_range
         order = "DESC" if descending else "ASC"
-        sql = (f"SELECT TOP @limit c.id, c.doc, c.raw FROM c WHERE {' AND '.join(clauses)} "
+        sql = (f"SELECT TOP @limit c.id, c.doc, c.raw FROM c WHERE {' AND '.join(clauses)} "  # nosec B608 # fixed clauses; every value is an @parameter
                f"ORDER BY c.id {order}")
         async with translated(self.what):
             rows = await query(container, sql, params)

@@ -244,7 +244,7 @@ class SqliteEventStore:
     async def read_stream(self, stream_id: str) -> list[Envelope]:
         def work(conn: sqlite3.Connection) -> list[Envelope]:
             rows = conn.execute(
-                f"SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = ? ORDER BY version",
+                f"SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = ? ORDER BY version",  # nosec B608 # fixed column lists and checked collection names; values are ? parameters
                 (stream_id,),
             ).fetchall()
             return [_envelope(row) for row in rows]
@@ -254,7 +254,7 @@ class SqliteEventStore:
     async def read_all(self, after: int, limit: int) -> list[Envelope]:
         def work(conn: sqlite3.Connection) -> list[Envelope]:
             rows = conn.execute(
-                f"SELECT {EVENT_COLUMNS} FROM events WHERE position > ? "
+                f"SELECT {EVENT_COLUMNS} FROM events WHERE position > ? "  # nosec B608 # fixed column lists and checked collection names; values are ? parameters
                 "ORDER BY position LIMIT ?",
                 (after, limit),
             ).fetchall()
@@ -311,7 +311,7 @@ def _append_batch(conn: sqlite3.Connection, requests: list[AppendRequest]) -> li
     stored = {
         row[0]: row[1:]
         for row in conn.execute(
-            "SELECT command_id, command_hash, stream_id, version, position FROM commands "
+            "SELECT command_id, command_hash, stream_id, version, position FROM commands "  # nosec B608 # fixed column lists and checked collection names; values are ? parameters
             f"WHERE command_id IN ({_in_clause(len(command_ids))})",
             command_ids,
         )
@@ -319,7 +319,7 @@ def _append_batch(conn: sqlite3.Connection, requests: list[AppendRequest]) -> li
     stream_ids = list({r.stream_id for r in requests})
     heads: dict[str, int] = dict(
         conn.execute(
-            "SELECT stream_id, max(version) FROM events "
+            "SELECT stream_id, max(version) FROM events "  # nosec B608 # fixed column lists and checked collection names; values are ? parameters
             f"WHERE stream_id IN ({_in_clause(len(stream_ids))}) GROUP BY stream_id",
             stream_ids,
         ).fetchall()
@@ -360,7 +360,7 @@ def _append_batch(conn: sqlite3.Connection, requests: list[AppendRequest]) -> li
         )
         outcomes.append(CommandResult(request.command_id, request.stream_id, current, last))
     conn.executemany(
-        f"INSERT INTO events ({EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        f"INSERT INTO events ({EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",  # nosec B608 # fixed column lists and checked collection names; values are ? parameters
         event_rows,
     )
     conn.executemany(
@@ -513,7 +513,7 @@ class SqliteUnitOfWork(BufferedUnitOfWork):
 
     def load(self, collection: str, doc_ids: list[str]) -> dict[str, dict[str, Any]]:
         rows = self.conn.execute(
-            f"SELECT id, doc FROM {_table(collection)} WHERE id IN ({_in_clause(len(doc_ids))})",
+            f"SELECT id, doc FROM {_table(collection)} WHERE id IN ({_in_clause(len(doc_ids))})",  # nosec B608 # fixed column lists and checked collection names; values are ? parameters
             doc_ids,
         )
         return {row[0]: orjson.loads(row[1]) for row in rows}
@@ -533,7 +533,7 @@ class SqliteUnitOfWork(BufferedUnitOfWork):
 
     def load_dead_letters(self, projection: str, stream_id: str) -> list[DeadLetter]:
         rows = self.conn.execute(
-            f"SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters "
+            f"SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters "  # nosec B608 # fixed column lists and checked collection names; values are ? parameters
             "WHERE projection = ? AND stream_id = ? ORDER BY position",
             (projection, stream_id),
         ).fetchall()
@@ -542,17 +542,17 @@ class SqliteUnitOfWork(BufferedUnitOfWork):
     def flush(self) -> None:
         conn = self.conn
         for collection in self.cleared:
-            conn.execute(f"DELETE FROM {_table(collection)}")
+            conn.execute(f"DELETE FROM {_table(collection)}")  # nosec B608 # fixed column lists and checked collection names; values are ? parameters
         upserts, deletes = self.changes()
         for collection, docs in upserts.items():
             conn.executemany(
-                f"INSERT INTO {_table(collection)} (id, doc) VALUES (?, ?) "
+                f"INSERT INTO {_table(collection)} (id, doc) VALUES (?, ?) "  # nosec B608 # fixed column lists and checked collection names; values are ? parameters
                 "ON CONFLICT (id) DO UPDATE SET doc = excluded.doc",
                 [(doc_id, _dumps(doc)) for doc_id, doc in docs],
             )
         for collection, doc_ids in deletes.items():
             conn.executemany(
-                f"DELETE FROM {_table(collection)} WHERE id = ?", [(i,) for i in doc_ids]
+                f"DELETE FROM {_table(collection)} WHERE id = ?", [(i,) for i in doc_ids]  # nosec B608 # fixed column lists and checked collection names; values are ? parameters
             )
         if self.removed:
             conn.executemany(
@@ -641,7 +641,7 @@ class SqliteViewStore:
 
         def work(conn: sqlite3.Connection) -> dict[str, Any] | None:
             row = conn.execute(
-                f"SELECT doc FROM {_table(collection)} WHERE id = ?", (doc_id,)
+                f"SELECT doc FROM {_table(collection)} WHERE id = ?", (doc_id,)  # nosec B608 # fixed column lists and checked collection names; values are ? parameters
             ).fetchone()
             return orjson.loads(row[0]) if row else None
 
@@ -655,6 +655,7 @@ class SqliteViewStore:
         after: str | None = None,
         limit: int = 50,
         descending: bool = False,
+        id_range: tuple[str, str] | None = None,
     ) -> Page:
         check_limit(limit)
         indexed = set(self._known(collection).indexed)
@@ -683,10 +684,14 @@ class SqliteViewStore:
         if after is not None:
             clauses.append("id < ?" if descending else "id > ?")
             params.append(decode_cursor(after))
+        if id_range is not None:
+            # A range on the primary key: a tenant's documents without a scan.
+            clauses.append("id >= ? AND id < ?")
+            params += list(id_range)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         params.append(limit + 1)
         order = "DESC" if descending else "ASC"
-        sql = f"SELECT id, doc FROM {_table(collection)} {where} ORDER BY id {order} LIMIT ?"
+        sql = f"SELECT id, doc FROM {_table(collection)} {where} ORDER BY id {order} LIMIT ?"  # nosec B608 # fixed column lists and checked collection names; values are ? parameters
 
         def work(conn: sqlite3.Connection) -> Page:
             rows, cursor = page_rows(conn.execute(sql, params).fetchall(), limit, itemgetter(0))
@@ -706,7 +711,7 @@ class SqliteViewStore:
 
     async def list_dead_letters(self, projection: str | None = None) -> list[DeadLetter]:
         def work(conn: sqlite3.Connection) -> list[DeadLetter]:
-            sql = f"SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters"
+            sql = f"SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters"  # nosec B608 # fixed column lists and checked collection names; values are ? parameters
             if projection is None:
                 rows = conn.execute(sql + " ORDER BY projection, position").fetchall()
             else:
@@ -720,7 +725,7 @@ class SqliteViewStore:
     async def get_dead_letter(self, dead_letter_id: int) -> DeadLetter | None:
         def work(conn: sqlite3.Connection) -> DeadLetter | None:
             row = conn.execute(
-                f"SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters WHERE id = ?",
+                f"SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters WHERE id = ?",  # nosec B608 # fixed column lists and checked collection names; values are ? parameters
                 (dead_letter_id,),
             ).fetchone()
             return _dead_letter(row) if row else None
