@@ -19,6 +19,7 @@ from rich.table import Table
 from cqrskit.config import Settings, environment_help
 from cqrskit.errors import CqrskitError
 from cqrskit.redaction import redact
+from cqrskit.tenancy import DEFAULT
 
 if TYPE_CHECKING:
     import subprocess  # nosec B404 # runs this program's own roles (cqrskit up)
@@ -730,15 +731,16 @@ def keys_create(
 @keys.command("list")
 @keys_file_option
 def keys_list(keys_file: Path | None) -> None:
-    """Every key's id, name, scopes and state; never the secrets."""
+    """Every key's id, name, tenant, scopes and state; never the secrets."""
     records = _api_keys(keys_file).records()
     if not records:
         console.print("no API keys")
         return
-    table = Table("id", "name", "scopes", "created", "revoked")
+    table = Table("id", "name", "tenant", "scopes", "created", "revoked")
     for record in records.values():
-        table.add_row(record["id"], record["name"], " ".join(record["scopes"]),
-                      record["created_at"], record["revoked_at"] or "-")
+        table.add_row(record["id"], record["name"], record.get("tenant") or DEFAULT,
+                      " ".join(record["scopes"]), record["created_at"],
+                      record["revoked_at"] or "-")
     console.print(table)
 
 

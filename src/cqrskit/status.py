@@ -17,6 +17,7 @@ from typing import Any
 from cqrskit.messages import Envelope, partition_of
 from cqrskit.ports import EventStore, ViewStore
 from cqrskit.registry import Registry
+from cqrskit.tenancy import tenant_of
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,8 @@ class Status:
     dead_letters: dict[str, int]
     leases: dict[int, str]
     recent: list[Envelope] = field(default_factory=list)
+    # The same counts per tenant, so that each tenant can be shown only its own.
+    dead_letters_by_tenant: dict[str, dict[str, int]] = field(default_factory=dict)
     taken_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
     def to_dict(self) -> dict[str, Any]:
@@ -60,6 +63,7 @@ class Status:
             "dead_letters": self.dead_letters,
             "leases": {str(p): owner for p, owner in sorted(self.leases.items())},
             "recent": [_summary(e) for e in self.recent],
+            "dead_letters_by_tenant": self.dead_letters_by_tenant,
             "taken_at": self.taken_at.isoformat(),
         }
 
@@ -90,15 +94,18 @@ async def read_status(
     ]
     letters = await views.list_dead_letters()
     counts = dict.fromkeys(registry.projections, 0)
+    by_tenant: dict[str, dict[str, int]] = {}
     for letter in letters:
         counts[letter.projection] = counts.get(letter.projection, 0) + 1
+        tenant = by_tenant.setdefault(tenant_of(letter.stream_id), {})
+        tenant[letter.projection] = tenant.get(letter.projection, 0) + 1
     # A complete window already ends with the log's last events: no second read then.
     if complete and len(window) >= recent:
         tail = window[len(window) - recent:]
     else:
         tail = await store.read_all(max(0, last - recent), recent) if recent else []
     leases = await views.leases()
-    return Status(last, partitions, lags, counts, leases, list(reversed(tail)))
+    return Status(last, partitions, lags, counts, leases, list(reversed(tail)), by_tenant)
 
 
 def _lag(

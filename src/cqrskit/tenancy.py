@@ -84,9 +84,10 @@ def id_range(tenant: str | None) -> tuple[str, str]:
     return f"{MARK}{tenant}{MARK}", f"{MARK}{tenant}\x7f"
 
 
-def tenant_of(envelope: Envelope) -> str:
-    """The tenant an event belongs to, named as principals name it."""
-    return split(envelope.stream_id)[0] or DEFAULT
+def tenant_of(stored_id: str) -> str:
+    """The tenant a stored stream (or document, or command) id belongs to, named as
+    principals name it."""
+    return split(stored_id)[0] or DEFAULT
 
 
 def public_result(answer: dict[str, Any]) -> dict[str, Any]:

@@ -46,6 +46,13 @@ def test_keys_create_list_revoke_and_a_server_that_checks_them(
 
     bad_scope = run_cli("keys", "create", "--name", "x", "--scope", "root", env=env)
     assert bad_scope.returncode != 0
+    tenant_key = run_cli("keys", "create", "--name", "acme-ci", "--tenant", "acme",
+                         "--scope", "queries:read", env=env)
+    assert tenant_key.returncode == 0, tenant_key.stderr
+    cells = [[cell.strip() for cell in line.split("│")]
+             for line in run_cli("keys", "list", env=env).stdout.splitlines() if "│" in line]
+    tenants = {row[2]: row[3] for row in cells}  # name -> tenant
+    assert tenants["acme-ci"] == "acme" and tenants["ci"] == "default", cells
 
     server = servers.new({**env, "CQRSKIT_AUTH": "keys"})
     with server.client() as client:

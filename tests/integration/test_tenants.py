@@ -231,10 +231,31 @@ async def test_dead_letters_are_seen_and_handled_only_by_their_tenant(
             refused = await caller.post(f"/api/dead-letters/{parked}/{action}")
             assert refused.status_code == 404, refused.text
     assert len((await a.get("/api/dead-letters")).json()["items"]) == 1  # still parked
+    await _status_shows_each_tenant_its_own(a, b, default)
     tenants.ledger.projection.broken = False
     retried = await a.post(f"/api/dead-letters/{parked}/retry")
     assert retried.status_code == 200 and retried.json() == {"applied": 1, "remaining": 0}
     assert (await a.get("/api/dead-letters")).json() == {"items": []}
+
+
+async def _status_shows_each_tenant_its_own(a: Caller, b: Caller, default: Caller) -> None:
+    """/api/status: A sees its dead letter and its event by its own id, B neither;
+    the default tenant's admin (the operator) sees everything, stored ids and all."""
+    assert (await b.command("insert", {"id": "b1", "data": {}})).status_code == 202
+    seen: dict[str, Any] = {}
+    for _ in range(100):  # the status is sampled every second
+        seen = {name: (await caller.get("/api/status")).json()
+                for name, caller in (("a", a), ("b", b), ("operator", default))}
+        if all(status["last_position"] == 2 for status in seen.values()):
+            break
+        await asyncio.sleep(0.1)
+    streams = {name: [e["stream_id"] for e in status["recent"]] for name, status in seen.items()}
+    assert streams["a"] == ["e1"] and streams["b"] == ["b1"], streams
+    assert set(streams["operator"]) == {"~A~e1", "~B~b1"}
+    assert seen["a"]["dead_letters"]["entries"] == 1
+    assert seen["b"]["dead_letters"]["entries"] == 0
+    assert set(seen["b"]["dead_letters_by_tenant"]) <= {"B"}
+    assert seen["operator"]["dead_letters_by_tenant"] == {"A": {"entries": 1}}
 
 
 async def test_an_oidc_token_takes_its_tenant_from_the_claim(

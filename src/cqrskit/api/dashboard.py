@@ -10,12 +10,14 @@ from importlib import resources
 from typing import Any
 
 import orjson
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
 
+from cqrskit.api.auth import ADMIN, Principal
 from cqrskit.api.errors import error_responses
 from cqrskit.errors import NotFound, Unavailable
 from cqrskit.status import StatusSampler
+from cqrskit.tenancy import DEFAULT, local, tenant_of
 
 SamplerRef = Callable[[], StatusSampler]
 
@@ -41,26 +43,57 @@ def dashboard_router(sampler: SamplerRef, status_dependencies: list[Any]) -> API
         summary="Lag per projection and partition, dead letters, leases, recent events",
         responses=error_responses(_503="the status has not been read yet; retry in a second"),
     )
-    async def status() -> dict[str, Any]:
+    async def status(request: Request) -> dict[str, Any]:
         latest = sampler().latest
         if latest is None:
             raise Unavailable("the pipeline status has not been read yet; retry in a second")
-        return latest
+        return visible_status(latest, _principal(request))
 
     @router.get(
         "/api/status/stream", tags=["operations"], dependencies=status_dependencies,
         summary="The same status as server-sent events, one each time it is read",
         response_class=StreamingResponse,
     )
-    async def status_stream() -> StreamingResponse:
+    async def status_stream(request: Request) -> StreamingResponse:
         updates = sampler().updates()
+        principal = _principal(request)
 
         async def events() -> AsyncIterator[bytes]:
             async for snapshot in updates:
-                yield b"data: " + orjson.dumps(snapshot) + b"\n\n"
+                yield b"data: " + orjson.dumps(visible_status(snapshot, principal)) + b"\n\n"
 
         # no-transform/X-Accel-Buffering: proxies must pass each event on at once.
         headers = {"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "no"}
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
     return router
+
+
+def _principal(request: Request) -> Principal | None:
+    principal = getattr(request.state, "principal", None)
+    return principal if isinstance(principal, Principal) else None
+
+
+def visible_status(snapshot: dict[str, Any], principal: Principal | None) -> dict[str, Any]:
+    """The status as `principal` may see it.
+
+    Lag, positions and leases name no tenant's data and are shown to everyone who
+    may read. Recent events and dead-letter counts are a tenant's own: a caller
+    sees only its tenant's, with the ids as it knows them. The whole snapshot goes
+    to authentication off and to the default tenant's `admin` principals (the
+    operators, and the key a forwarding API reads the handler's status with).
+    """
+    if principal is None or (principal.tenant == DEFAULT and ADMIN in principal.scopes):
+        return snapshot
+    tenant = principal.tenant
+    recent = [
+        {**event, "stream_id": local(event["stream_id"])}
+        for event in snapshot["recent"] if tenant_of(event["stream_id"]) == tenant
+    ]
+    own = snapshot.get("dead_letters_by_tenant", {}).get(tenant, {})
+    return {
+        **snapshot,
+        "recent": recent,
+        "dead_letters": {name: own.get(name, 0) for name in snapshot["dead_letters"]},
+        "dead_letters_by_tenant": {tenant: own},
+    }

@@ -83,7 +83,7 @@ async def _own_dead_letter(views: ViewStore, dead_letter_id: int, tenant: str | 
     authentication off (one party) and in the CLI (which opens the DB itself), all.
     """
     dead_letter = await views.get_dead_letter(dead_letter_id)
-    if dead_letter is None or (tenant is not None and tenant_of(dead_letter.envelope) != tenant):
+    if dead_letter is None or (tenant is not None and tenant_of(dead_letter.stream_id) != tenant):
         raise NotFound(f"no dead letter with id {dead_letter_id}")
 
 
@@ -102,7 +102,7 @@ def dead_letters_router(registry: Registry, views: ViewsRef) -> APIRouter:
         letters = await views().list_dead_letters(projection)
         tenant = request_tenant(request)
         if tenant is not None:
-            letters = [d for d in letters if tenant_of(d.envelope) == tenant]
+            letters = [d for d in letters if tenant_of(d.stream_id) == tenant]
         return {"items": [_shown(d, tenant) for d in letters]}
 
     @router.post(
