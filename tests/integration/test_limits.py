@@ -10,7 +10,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import pytest
@@ -22,7 +22,22 @@ from cqrskit.api.headers import DOCS_POLICY
 from cqrskit.api.limits import TokenBuckets
 from cqrskit.config import Settings
 from cqrskit.domains import records
-from cqrskit.registry import Registry
+from cqrskit.ports import ViewReader
+from cqrskit.registry import Domain, Query, Registry
+
+failing = Domain("failing")
+
+
+@failing.query
+class Boom(Query):
+    """Fails unexpectedly: the server answers 500 (written by Starlette's outermost layer)."""
+
+    name: ClassVar[str] = "boom"
+    reads: ClassVar[tuple[str, ...]] = ()
+    result: ClassVar[Any] = dict
+
+    async def run(self, views: ViewReader) -> Any:
+        raise RuntimeError("boom")
 
 
 def _settings(tmp_path: Path, **values: Any) -> Settings:
@@ -35,7 +50,8 @@ def _settings(tmp_path: Path, **values: Any) -> Settings:
 
 @contextlib.asynccontextmanager
 async def _serving(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    server = await LiveServer(create_app(settings, Registry([records.domain]))).start()
+    registry = Registry([records.domain, failing])
+    server = await LiveServer(create_app(settings, registry)).start()
     try:
         async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
             yield client
@@ -225,8 +241,10 @@ async def test_security_headers_by_default_and_no_cors(tmp_path: Path) -> None:
             "404": await client.get("/nowhere"),
             "413": await client.post("/api/command/insert", content=b"x" * 2048,
                                      headers={"Content-Type": "application/json"}),
+            "500": await client.get("/api/failing/query/boom"),
         }
         assert answers["413"].status_code == 413
+        assert answers["500"].status_code == 500
         for what, answer in answers.items():
             for name, value in SECURITY.items():
                 assert answer.headers.get(name) == value, (what, name, answer.headers)

@@ -153,8 +153,7 @@ def create_app(
     cors = headers.cors_options(settings)
     if cors is not None:
         app.add_middleware(CORSMiddleware, **cors)  # type: ignore[arg-type]
-    # Outermost, so that every answer (413, 429, 504 and CORS preflights too) has them.
-    app.add_middleware(headers.SecurityHeaders, settings=settings)
+    headers.install(app, settings)
     auth = Authenticator(settings)
     # Authentication, then the caller's rate limit; only where clients call in: the
     # handler services behind an API would see every caller as the API's address.
