@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from cqrskit import process
 from cqrskit.config import Settings, environment_help
 from cqrskit.errors import CqrskitError
 from cqrskit.redaction import redact
@@ -42,35 +42,11 @@ def _settings(data_dir: Path | None, **overrides: Any) -> Settings:
     return Settings(**values)
 
 
-def _setup_logging(level: str) -> None:
-    """Log lines carry the trace and span ids, to find a line's trace and back."""
-    from cqrskit.redaction import RedactSecrets
-    from cqrskit.telemetry import TraceIds
-
-    handler = logging.StreamHandler()
-    handler.addFilter(TraceIds())
-    handler.addFilter(RedactSecrets())
-    handler.setFormatter(logging.Formatter(
-        "%(asctime)s %(levelname)s %(name)s [trace %(trace_id)s span %(span_id)s]: %(message)s"
-    ))
-    logging.basicConfig(level=level.upper(), handlers=[handler])
-    # httpx logs every request at INFO: one line per forwarded command is noise.
-    if logging.getLogger().level > logging.DEBUG:
-        logging.getLogger("httpx").setLevel(logging.WARNING)
-
-
 def _setup(settings: Settings, role: str) -> None:
-    """Logging, and telemetry for a process of `role` (named cqrskit-<role>)."""
-    import atexit
-
-    from cqrskit import telemetry
-
-    _setup_logging(settings.log_level)
     try:
-        telemetry.configure(settings.telemetry, f"cqrskit-{role}")
+        process.setup(settings, role)
     except RuntimeError as error:
         raise click.ClickException(str(error)) from None
-    atexit.register(telemetry.shutdown)
 
 
 def _run(coroutine: Awaitable[T]) -> T:
@@ -321,7 +297,7 @@ def up(
     """
     settings = _settings(None, host=host, port=port)
     _refuse_exposed(settings)
-    _setup_logging(settings.log_level)
+    process.setup_logging(settings.log_level)
     try:
         topology = _Topology(
             settings, update_processors=update_processors,

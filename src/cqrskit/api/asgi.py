@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
+from cqrskit import process
 from cqrskit.api.app import create_app
-from cqrskit.cli import _setup
 from cqrskit.config import Settings
 
 
 def create() -> FastAPI:
     """The `api` role's app, with the logging and telemetry `cqrskit api` sets up."""
     settings = Settings()
-    _setup(settings, "api")
+    process.setup(settings, "api")
     return create_app(settings, role="api")
