@@ -3,6 +3,13 @@
 Update processors in this process report their progress here at once; progress
 made by other processes is picked up by polling the query DB while someone waits.
 
+A wait normally starts with a read of the stored checkpoints, since memory may be
+ahead of a rebuild run by another process. It skips that read when every
+checkpoint it waits for is followed by a runner in this process and still short
+of the token: then nothing can be answered from memory yet, and what later wakes
+the waiter is either that runner's commit (which checked the stored checkpoint
+inside its own transaction) or a read of the store by the poll.
+
 Waiting costs next to nothing per waiter: a waiter is parked, ordered by its
 position, on the first (projection, partition) it still waits for, and only the
 waiters a checkpoint has passed are looked at again when it moves. (Waking every
@@ -37,6 +44,8 @@ class Checkpoints:
         self.partitions = partitions
         self.poll_seconds = poll_seconds
         self.positions: dict[tuple[str, int], int] = {}
+        # The checkpoints a runner of this process follows (it calls `advance`).
+        self._followed: set[tuple[str, int]] = set()
         self._reading: asyncio.Future[None] | None = None
         self._read_started = float("-inf")
         # Parked waiters by the (projection, partition) each waits for next: a heap
@@ -47,7 +56,9 @@ class Checkpoints:
         self._poller: asyncio.Task[None] | None = None
 
     def advance(self, projection: str, partition: int, position: int) -> None:
+        """A runner of this process committed the checkpoint `position`."""
         key = (projection, partition)
+        self._followed.add(key)
         if position > self.positions.get(key, 0):
             self.positions[key] = position
             if key in self._waiting:
@@ -56,6 +67,20 @@ class Checkpoints:
     def reset(self, projection: str) -> None:
         for key in [k for k in self.positions if k[0] == projection]:
             del self.positions[key]
+        self._followed = {k for k in self._followed if k[0] != projection}
+
+    def unfollow(self, projection: str, partition: int) -> None:
+        """This process's runner of the checkpoint stopped (another may take it over)."""
+        self._followed.discard((projection, partition))
+
+    def _short_here(self, projections: list[str], token: ConsistencyToken) -> bool:
+        """Whether every checkpoint is followed here and memory has it short of the token."""
+        partition = token.partition(self.partitions)
+        return all(
+            (p, partition) in self._followed
+            and self.positions.get((p, partition), 0) < token.position
+            for p in projections
+        )
 
     async def refresh(self, max_age: float | None = None) -> dict[tuple[str, int], int]:
         """Take the stored checkpoints as the truth: a rebuild may have moved one back.
@@ -94,8 +119,9 @@ class Checkpoints:
     ) -> bool:
         """Wait until every named projection has processed the token; False on timeout."""
         projections = list(projections)
-        # Always ask the store once: memory may be ahead of a rebuild elsewhere.
-        await self.refresh()
+        if not self._short_here(projections, token):
+            # Memory may be ahead of a rebuild elsewhere: ask the store once.
+            await self.refresh()
         if self.reached(projections, token):
             return True
         loop = asyncio.get_running_loop()

@@ -12,9 +12,10 @@ Guarantees, per projection and partition:
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 from cqrskit.checkpoints import Checkpoints
@@ -56,6 +57,16 @@ def describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
+def _upcast(registry: Registry, envelope: Envelope) -> Envelope:
+    """The event at the schema version the code knows. A stream may hand the same
+    envelopes to several projections (the embedded one reads once for all of them),
+    so an upcaster that changes the data it is given in place gets a copy: only old
+    events pay for it."""
+    if registry.schema_versions.get(envelope.type, 0) > envelope.schema_version:
+        envelope = replace(envelope, data=copy.deepcopy(envelope.data))
+    return registry.upcast(envelope)
+
+
 def _apply(projection: Projection, envelope: Envelope, uow: UnitOfWork) -> None:
     """Apply one event; a tenant's event sees its plain ids and its own documents only."""
     envelope, views = for_projection(envelope, uow)
@@ -94,6 +105,16 @@ class ProjectionRunner:
         progress: Callable[[int], None] | None = None,
     ) -> None:
         """Apply the stream from the stored checkpoint on; return once past `until`."""
+        try:
+            await self._follow(stream, partitions, until, progress)
+        finally:
+            if self.checkpoints is not None:
+                self.checkpoints.unfollow(self.name, self.partition)
+
+    async def _follow(
+        self, stream: Stream, partitions: int, until: int | None,
+        progress: Callable[[int], None] | None,
+    ) -> None:
         while True:
             stored = (await self.views.checkpoints()).get((self.name, self.partition), 0)
             self.position = stored
@@ -161,7 +182,7 @@ class ProjectionRunner:
                 continue
             if self.projection.handles(envelope.type):
                 try:
-                    _apply(self.projection, self.registry.upcast(envelope), uow)
+                    _apply(self.projection, _upcast(self.registry, envelope), uow)
                 except Exception as error:
                     raise _EventFailed(index, error) from error
         position = max(stored, batch[-1].position)

@@ -225,8 +225,10 @@ class SqliteEventStore:
     SQLite admits one writer at a time and positions are assigned inside its lock."""
 
     def __init__(self, path: Path, *, synchronous: str = "FULL") -> None:
-        self._appended = asyncio.Event()
         self._loop = asyncio.get_running_loop()
+        # Resolved by the next commit, then replaced. Not a shared Event: a follower
+        # that cleared it could swallow a commit another follower had not seen yet.
+        self._next_append: asyncio.Future[None] = self._loop.create_future()
         _migrate(path, _EVENT_STORE_SCHEMA)
         self.db = Database(path, synchronous=synchronous, on_commit=self._notify)
 
@@ -235,7 +237,11 @@ class SqliteEventStore:
         return cls(path_from_url(url), synchronous=synchronous)
 
     def _notify(self) -> None:
-        self._loop.call_soon_threadsafe(self._appended.set)
+        self._loop.call_soon_threadsafe(self._appended)
+
+    def _appended(self) -> None:
+        done, self._next_append = self._next_append, self._loop.create_future()
+        done.set_result(None)
 
     async def append(self, request: AppendRequest) -> CommandResult:
         result: CommandResult = await self.db.submit(_append_batch, request)
@@ -270,11 +276,12 @@ class SqliteEventStore:
         return await self.db.read(work)
 
     async def wait_for_append(self, after: int, timeout: float) -> None:
-        self._appended.clear()
+        # Taken before the read: a commit that lands while it runs resolves it.
+        next_append = self._next_append
         if await self.last_position() > after:
             return
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._appended.wait(), timeout)
+            await asyncio.wait_for(asyncio.shield(next_append), timeout)
 
     async def get_command(self, command_id: str) -> StoredCommand | None:
         def work(conn: sqlite3.Connection) -> StoredCommand | None:

@@ -2,10 +2,16 @@
 
 Nothing is published: the log already is the stream. Subscribers read it from
 their checkpoint and wait for the store to say it grew.
+
+Subscribers at the same position share one read: every projection follows the
+log, and they are usually woken by the same append, so each batch would otherwise
+be read and decoded once per projection.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 
 from cqrskit.messages import Envelope, partition_of
@@ -14,12 +20,16 @@ from cqrskit.ports import EventStore
 # A subscriber also polls, so that appends made by another process (a CLI, a
 # second server on the same file) are seen without a notification.
 POLL_SECONDS = 0.5
+# Recent reads kept for other subscribers at the same position; enough for a few
+# projections a batch or two apart.
+RECENT_READS = 16
 
 
 class EmbeddedStream:
     def __init__(self, store: EventStore, *, batch_size: int = 1000) -> None:
         self.store = store
         self.batch_size = batch_size
+        self._recent: OrderedDict[int, asyncio.Future[list[Envelope]]] = OrderedDict()
 
     partitions = 1
     needs_relay = False
@@ -31,7 +41,7 @@ class EmbeddedStream:
         self, partition: int, partitions: int, after: int, *, consumer: str | None = None
     ) -> AsyncIterator[list[Envelope]]:
         while True:
-            batch = await self.store.read_all(after, self.batch_size)
+            batch = await self._read(after)
             if not batch:
                 await self.store.wait_for_append(after, POLL_SECONDS)
                 continue
@@ -41,6 +51,29 @@ class EmbeddedStream:
                 if not batch:
                     continue
             yield batch
+
+    async def _read(self, after: int) -> list[Envelope]:
+        """The log after `after`, read once for every subscriber that asks for it.
+
+        A batch read earlier may be shorter than what the log holds now; that is
+        still the log's next events in order (positions have no gaps), and the
+        subscriber asks again from its end. An empty read or a failed one is not
+        kept: the next subscriber reads for itself.
+        """
+        read = self._recent.get(after)
+        if read is None:
+            read = asyncio.ensure_future(self.store.read_all(after, self.batch_size))
+            self._recent[after] = read
+            while len(self._recent) > RECENT_READS:
+                self._recent.popitem(last=False)
+            read.add_done_callback(lambda done: self._keep_if_useful(after, done))
+        # Shielded: one subscriber cancelled must not cancel the read for the others.
+        return list(await asyncio.shield(read))
+
+    def _keep_if_useful(self, after: int, read: asyncio.Future[list[Envelope]]) -> None:
+        useless = read.cancelled() or read.exception() is not None or not read.result()
+        if useless and self._recent.get(after) is read:
+            del self._recent[after]
 
     async def close(self) -> None:
         pass
