@@ -311,6 +311,22 @@ def _configure_azure(resource: Any, prometheus: Any) -> None:
     _shutdown.append(shutdown)
 
 
+def flush() -> None:
+    """Send the spans and metrics buffered so far.
+
+    Called when a server's lifespan ends: uvicorn then raises the signal that
+    stopped it again, with its default action, so the process ends without running
+    `atexit` handlers and `shutdown` would never send the last seconds of spans.
+    """
+    for provider in (trace.get_tracer_provider(), metrics.get_meter_provider()):
+        force_flush = getattr(provider, "force_flush", None)
+        if force_flush is not None:
+            try:
+                force_flush()
+            except Exception:
+                log.exception("telemetry could not flush")
+
+
 def shutdown() -> None:
     """Flush what is buffered and stop the exporters (at process exit)."""
     while _shutdown:

@@ -1,4 +1,5 @@
-"""One trace across the processes of `cqrskit up --distributed`, received over OTLP.
+"""One trace across the processes of `cqrskit up --distributed`, received over OTLP;
+and the last spans of a stopped server.
 
 Every role exports its spans with the OTLP/HTTP exporter to a receiver in this
 test, which decodes them with the OTLP protobuf definitions. A command sent with
@@ -20,7 +21,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
-from .harness import wait_until
+from .harness import ServerPool, wait_until
 from .topology import Topology
 
 pytestmark = pytest.mark.e2e
@@ -137,3 +138,19 @@ def test_a_command_is_one_trace_across_every_process(
     projected = [s for s in spans if s.name.startswith("update views ")]
     assert {s.name for s in projected} == {"update views records", "update views statistics"}
     assert {s.parent_span_id for s in projected} == {command.span_id}
+
+
+def test_the_last_spans_are_sent_when_the_server_is_stopped(
+    servers: ServerPool, receiver: OtlpReceiver
+) -> None:
+    """SIGTERM ends `cqrskit serve` before the batch exporter's next send (every 5 s by
+    default): its last spans must still reach the receiver."""
+    server = servers.new({"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
+                          "OTEL_METRIC_EXPORT_INTERVAL": "60000"})
+    with server.client() as client:
+        for n in range(20):
+            answer = client.post("/api/command/insert", json={"id": f"last-{n}", "data": {}})
+            assert answer.status_code == 202, answer.text
+    assert server.stop() is not None
+    commands = [s for s in receiver.spans if s.name == "command insert"]
+    assert len(commands) == 20, server.log_tail()

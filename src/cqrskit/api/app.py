@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
-from cqrskit import redaction
+from cqrskit import redaction, telemetry
 from cqrskit.api import errors, headers, limits
 from cqrskit.api.auth import ADMIN, COMMANDS_WRITE, QUERIES_READ, Authenticator
 from cqrskit.api.dashboard import dashboard_router
@@ -123,6 +123,9 @@ def create_app(
         # Now that uvicorn has set up its log handlers: no secret reaches them either.
         redaction.protect()
         async with contextlib.AsyncExitStack() as stack:
+            # Last out: the spans of the final requests and batches are sent before the
+            # process ends (telemetry.flush says why it cannot wait for atexit).
+            stack.callback(telemetry.flush)
             runtime = await open_runtime(settings, registry, role=role)
             stack.push_async_callback(runtime.close)
             _set_services(services, runtime, settings, stack)
