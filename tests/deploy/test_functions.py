@@ -254,11 +254,8 @@ async def test_functions_on_cosmos_and_a_kafka_broker_answer_as_cqrskit_serve(
         broker.stop()
 
 
-async def test_update_views_drops_copies_and_what_is_not_an_event(
-    load_function_app: LoadFunctionApp, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    from cqrskit.stores.sqlite import SqliteEventStore
-
+async def _on_sqlite(load_function_app: LoadFunctionApp, tmp_path: Path) -> tuple[str, Any]:
+    """The function app on SQLite files; the command DB's URL and the module."""
     command_db = f"sqlite:///{tmp_path / 'command.db'}"
     module = await load_function_app({
         "CQRSKIT_COMMAND_DB": command_db,
@@ -266,6 +263,15 @@ async def test_update_views_drops_copies_and_what_is_not_an_event(
         # Only its partition count is used: update_views gets its events from the trigger.
         "CQRSKIT_STREAM": f"kafka://127.0.0.1:9?partitions={PARTITIONS}&idempotence=false",
     })
+    return command_db, module
+
+
+async def test_update_views_drops_copies_and_what_is_not_an_event(
+    load_function_app: LoadFunctionApp, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from cqrskit.stores.sqlite import SqliteEventStore
+
+    command_db, module = await _on_sqlite(load_function_app, tmp_path)
     fns = user_functions(module)
     for rid in ("r1", "r2", "r3"):
         answer = await fns["command"](_request("POST", "/api/command/insert",
@@ -387,12 +393,7 @@ async def test_the_app_service_api_forwards_to_the_functions_unchanged(
     from cqrskit.stores.sqlite import SqliteEventStore
     from integration.live_server import LiveServer
 
-    command_db = f"sqlite:///{tmp_path / 'command.db'}"
-    module = await load_function_app({
-        "CQRSKIT_COMMAND_DB": command_db,
-        "CQRSKIT_QUERY_DB": f"sqlite:///{tmp_path / 'query.db'}",
-        "CQRSKIT_STREAM": f"kafka://127.0.0.1:9?partitions={PARTITIONS}&idempotence=false",
-    })
+    command_db, module = await _on_sqlite(load_function_app, tmp_path)
     fns = user_functions(module)
     functions = await LiveServer(FunctionsHostShim(module)).start()  # type: ignore[arg-type]
     api_settings = Settings(

@@ -10,16 +10,11 @@ it passes: the API, the command handler, the relay and an update processor.
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
-)
+
+from otlp_receiver import OtlpReceiver, ReceivedSpan, otlp_receiver
 
 from .harness import ServerPool, wait_until
 from .topology import Topology
@@ -27,72 +22,10 @@ from .topology import Topology
 pytestmark = pytest.mark.e2e
 
 
-@dataclass(frozen=True)
-class ReceivedSpan:
-    service: str
-    name: str
-    trace_id: str
-    span_id: str
-    parent_span_id: str
-
-
-class OtlpReceiver:
-    """Accepts OTLP/HTTP protobuf exports on a free port and keeps the spans."""
-
-    def __init__(self) -> None:
-        self.spans: list[ReceivedSpan] = []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                if self.path == "/v1/traces":
-                    receiver.take(body)
-                    answer = ExportTraceServiceResponse().SerializeToString()
-                else:
-                    answer = b""  # metrics and logs: accepted, not kept
-                self.send_response(200)
-                self.send_header("Content-Type", "application/x-protobuf")
-                self.send_header("Content-Length", str(len(answer)))
-                self.end_headers()
-                self.wfile.write(answer)
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.lock = threading.Lock()
-
-    def take(self, body: bytes) -> None:
-        request = ExportTraceServiceRequest.FromString(body)
-        received = []
-        for resource_spans in request.resource_spans:
-            attributes = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
-            for scope_spans in resource_spans.scope_spans:
-                received += [
-                    ReceivedSpan(attributes.get("service.name", "?"), s.name, s.trace_id.hex(),
-                                 s.span_id.hex(), s.parent_span_id.hex())
-                    for s in scope_spans.spans
-                ]
-        with self.lock:
-            self.spans += received
-
-    def of_trace(self, trace_id: str) -> list[ReceivedSpan]:
-        with self.lock:
-            return [s for s in self.spans if s.trace_id == trace_id]
-
-
 @pytest.fixture
 def receiver() -> Iterator[OtlpReceiver]:
-    otlp = OtlpReceiver()
-    otlp.thread.start()
-    try:
+    with otlp_receiver() as otlp:
         yield otlp
-    finally:
-        otlp.server.shutdown()
-        otlp.server.server_close()
 
 
 def test_a_command_is_one_trace_across_every_process(
