@@ -15,7 +15,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from opentelemetry.sdk.trace import Event, ReadableSpan
+from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import Status
 
@@ -124,6 +124,22 @@ class RedactingSpanExporter(SpanExporter):
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return self.exporter.force_flush(timeout_millis)
+
+
+class RedactSpans(SpanProcessor):
+    """Redact each ended span in place, for the processors registered after it.
+
+    For the exporter cqrskit cannot wrap: Azure Monitor's, which
+    `configure_azure_monitor` sets up behind the span processors it is given. It
+    writes the span's own fields (`_attributes`, `_events`, `_status`), as a
+    processor running before export is the only place left to change them.
+    """
+
+    def on_end(self, span: ReadableSpan) -> None:
+        redacted = _redacted_span(span)
+        span._attributes = redacted.attributes
+        span._events = redacted.events
+        span._status = redacted.status
 
 
 def _redacted_span(span: ReadableSpan) -> ReadableSpan:

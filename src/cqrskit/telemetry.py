@@ -293,9 +293,13 @@ def _configure_azure(resource: Any, prometheus: Any) -> None:
             "APPLICATIONINSIGHTS_CONNECTION_STRING is set but Azure Monitor support is not "
             "installed: pip install 'cqrskit[azure]'"
         ) from None
+    from cqrskit.redaction import RedactSpans
+
     configure_azure_monitor(
         resource=resource,
         metric_readers=[prometheus],
+        # Before Azure Monitor's exporting processor: no secret leaves in a span.
+        span_processors=[RedactSpans()],
         # cqrskit instruments its own FastAPI app; live metrics would open a
         # connection of their own that nothing here needs.
         instrumentation_options={"fastapi": {"enabled": False}},

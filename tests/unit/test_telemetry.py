@@ -1,8 +1,11 @@
 """Telemetry logic: exporter choice, outcomes, trace context in event metadata."""
 
+import gzip
 import subprocess
 import sys
 import textwrap
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
@@ -81,3 +84,61 @@ def test_azure_monitor_starts_and_stops_without_network(tmp_path: object) -> Non
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "clean"
     assert "Traceback" not in done.stderr, done.stderr
+
+
+def test_azure_monitor_sends_spans_with_their_secrets_redacted(tmp_path: object) -> None:
+    """Spans go to an ingestion endpoint served here, as Application Insights would get
+    them: a secret in an attribute or an exception message arrives as ***."""
+    received: list[bytes] = []
+
+    class Ingestion(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            if self.headers.get("Content-Encoding") == "gzip":
+                body = gzip.decompress(body)
+            received.append(body)
+            answer = b'{"itemsReceived": 1, "itemsAccepted": 1, "errors": []}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Ingestion)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}/"
+    script = textwrap.dedent("""
+        from cqrskit import telemetry
+        telemetry.configure("azure", "cqrskit-test")
+        try:
+            with telemetry.tracer.start_as_current_span(
+                "connect", attributes={"cqrskit.store": "postgresql://app:Hunter2Secret@db/cqrs"}
+            ):
+                raise RuntimeError("refused: AccountKey=AzureKeySecret==;")
+        except RuntimeError:
+            pass
+        telemetry.shutdown()
+    """)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "APPLICATIONINSIGHTS_CONNECTION_STRING": (
+            "InstrumentationKey=00000000-0000-0000-0000-000000000000;"
+            f"IngestionEndpoint={endpoint};LiveEndpoint={endpoint}"
+        ),
+        "APPLICATIONINSIGHTS_STATSBEAT_DISABLED_ALL": "true",
+        "TMPDIR": str(tmp_path),
+    }
+    try:
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                              text=True, timeout=60)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert done.returncode == 0, done.stderr
+    sent = b"".join(received).decode()
+    assert '"connect"' in sent, sent  # the span arrived
+    assert "Hunter2Secret" not in sent and "AzureKeySecret" not in sent, sent
+    assert "postgresql://app:***@db/cqrs" in sent and "AccountKey=***" in sent, sent
