@@ -37,11 +37,14 @@ def latency_case(server: str, stat: str) -> str:
     return f"{server} · latency {stat}"
 
 
-def _load(url: str, seconds: float) -> dict[str, float]:
+def run_load(
+    url: str, seconds: float, *, connections: int = CONNECTIONS, warmup: float | None = None
+) -> dict[str, float]:
     """Run the load generator in a process of its own; return what it measured."""
-    warmup = min(1.0, seconds / 2)
+    if warmup is None:
+        warmup = min(1.0, seconds / 2)
     completed = subprocess.run(
-        [sys.executable, "-m", "benchmarks.http_load", url, str(CONNECTIONS), str(seconds),
+        [sys.executable, "-m", "benchmarks.http_load", url, str(connections), str(seconds),
          str(warmup)],
         cwd=ROOT, capture_output=True, text=True, timeout=seconds + warmup + 60, check=False,
     )
@@ -52,7 +55,7 @@ def _load(url: str, seconds: float) -> dict[str, float]:
 
 
 def _measure(server: str, url: str, seconds: float) -> list[Measurement]:
-    result = _load(url, seconds)
+    result = run_load(url, seconds)
     details = {"requests": result["requests"], "seconds": round(result["seconds"], 3)}
     baseline = None if server == BARE else rate_case(BARE)
     measurements = [Measurement(NAME, rate_case(server), result["rate"], "req/s",

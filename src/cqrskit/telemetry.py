@@ -261,7 +261,10 @@ def _configure_sdk(chosen: str, resource: Any, prometheus: Any) -> None:
 
         # Encoded and sent by a child process, off this process's GIL (span_export.py).
         span_processor = ProcessSpanProcessor(resource.attributes, resource.schema_url)
-        readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
+        # OTEL_METRICS_EXPORTER=none (the standard variable) keeps metrics at /metrics
+        # only: every measurement is otherwise aggregated once more for OTLP.
+        if os.environ.get("OTEL_METRICS_EXPORTER", "otlp").strip().lower() != "none":
+            readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
     elif chosen == "console":
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 

@@ -129,6 +129,9 @@ def test_azure_monitor_sends_spans_with_their_secrets_redacted(tmp_path: object)
             f"IngestionEndpoint={endpoint};LiveEndpoint={endpoint}"
         ),
         "APPLICATIONINSIGHTS_STATSBEAT_DISABLED_ALL": "true",
+        # The distro's default sampler keeps a few traces a second, at random: this
+        # test's one span must be kept.
+        "OTEL_TRACES_SAMPLER": "always_on",
         "TMPDIR": str(tmp_path),
     }
     try:
@@ -142,3 +145,41 @@ def test_azure_monitor_sends_spans_with_their_secrets_redacted(tmp_path: object)
     assert '"connect"' in sent, sent  # the span arrived
     assert "Hunter2Secret" not in sent and "AzureKeySecret" not in sent, sent
     assert "postgresql://app:***@db/cqrs" in sent and "AccountKey=***" in sent, sent
+
+
+@pytest.mark.parametrize(("setting", "exported"), [("none", False), ("otlp", True)])
+def test_otel_metrics_exporter_none_keeps_metrics_at_the_prometheus_endpoint_only(
+    setting: str, exported: bool, tmp_path: object
+) -> None:
+    paths: list[str] = []
+
+    class Collector(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            paths.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    script = textwrap.dedent("""
+        from cqrskit import telemetry
+        telemetry.configure("otlp", "cqrskit-test")
+        telemetry.commands.add(1, {"command": "probe", "outcome": "ok"})
+        telemetry.shutdown()
+    """)
+    env = {"PATH": "/usr/bin:/bin", "TMPDIR": str(tmp_path),
+           "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}",
+           "OTEL_METRICS_EXPORTER": setting}
+    try:
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                              text=True, timeout=60)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert done.returncode == 0, done.stderr
+    assert ("/v1/metrics" in paths) is exported, paths
