@@ -5,6 +5,8 @@ import subprocess
 import sys
 import textwrap
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -86,18 +88,18 @@ def test_azure_monitor_starts_and_stops_without_network(tmp_path: object) -> Non
     assert "Traceback" not in done.stderr, done.stderr
 
 
-def test_azure_monitor_sends_spans_with_their_secrets_redacted(tmp_path: object) -> None:
-    """Spans go to an ingestion endpoint served here, as Application Insights would get
-    them: a secret in an attribute or an exception message arrives as ***."""
-    received: list[bytes] = []
+@contextmanager
+def _collector(answer: bytes = b"") -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
+    """An HTTP endpoint served here that keeps every POST's path and (unzipped) body,
+    standing in for a collector or App Insights' ingestion; yields its URL and them."""
+    received: list[tuple[str, bytes]] = []
 
-    class Ingestion(BaseHTTPRequestHandler):
+    class Collector(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
             if self.headers.get("Content-Encoding") == "gzip":
                 body = gzip.decompress(body)
-            received.append(body)
-            answer = b'{"itemsReceived": 1, "itemsAccepted": 1, "errors": []}'
+            received.append((self.path, body))
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(answer)))
@@ -107,79 +109,67 @@ def test_azure_monitor_sends_spans_with_their_secrets_redacted(tmp_path: object)
         def log_message(self, format: str, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Ingestion)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Collector)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    endpoint = f"http://127.0.0.1:{server.server_address[1]}/"
-    script = textwrap.dedent("""
-        from cqrskit import telemetry
-        telemetry.configure("azure", "cqrskit-test")
-        try:
-            with telemetry.tracer.start_as_current_span(
-                "connect", attributes={"cqrskit.store": "postgresql://app:Hunter2Secret@db/cqrs"}
-            ):
-                raise RuntimeError("refused: AccountKey=AzureKeySecret==;")
-        except RuntimeError:
-            pass
-        telemetry.shutdown()
-    """)
-    env = {
-        "PATH": "/usr/bin:/bin",
-        "APPLICATIONINSIGHTS_CONNECTION_STRING": (
-            "InstrumentationKey=00000000-0000-0000-0000-000000000000;"
-            f"IngestionEndpoint={endpoint};LiveEndpoint={endpoint}"
-        ),
-        "APPLICATIONINSIGHTS_STATSBEAT_DISABLED_ALL": "true",
-        # The distro's default sampler keeps a few traces a second, at random: this
-        # test's one span must be kept.
-        "OTEL_TRACES_SAMPLER": "always_on",
-        "TMPDIR": str(tmp_path),
-    }
     try:
-        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                              text=True, timeout=60)
+        yield f"http://127.0.0.1:{server.server_address[1]}", received
     finally:
         server.shutdown()
         server.server_close()
+
+
+def _run(script: str, env: dict[str, str], tmp_path: object) -> None:
+    """Run `script` in a fresh interpreter (telemetry is set up once per process)."""
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        env={"PATH": "/usr/bin:/bin", "TMPDIR": str(tmp_path), **env},
+        capture_output=True, text=True, timeout=60,
+    )
     assert done.returncode == 0, done.stderr
-    sent = b"".join(received).decode()
+
+
+def test_azure_monitor_sends_spans_with_their_secrets_redacted(tmp_path: object) -> None:
+    """Spans go to an ingestion endpoint served here, as Application Insights would get
+    them: a secret in an attribute or an exception message arrives as ***."""
+    accepted = b'{"itemsReceived": 1, "itemsAccepted": 1, "errors": []}'
+    with _collector(accepted) as (endpoint, received):
+        _run("""
+            from cqrskit import telemetry
+            telemetry.configure("azure", "cqrskit-test")
+            try:
+                with telemetry.tracer.start_as_current_span(
+                    "connect", attributes={"cqrskit.store": "postgresql://app:Hunter2Secret@db/x"}
+                ):
+                    raise RuntimeError("refused: AccountKey=AzureKeySecret==;")
+            except RuntimeError:
+                pass
+            telemetry.shutdown()
+        """, {
+            "APPLICATIONINSIGHTS_CONNECTION_STRING": (
+                "InstrumentationKey=00000000-0000-0000-0000-000000000000;"
+                f"IngestionEndpoint={endpoint}/;LiveEndpoint={endpoint}/"
+            ),
+            "APPLICATIONINSIGHTS_STATSBEAT_DISABLED_ALL": "true",
+            # The distro's default sampler keeps a few traces a second, at random: this
+            # test's one span must be kept.
+            "OTEL_TRACES_SAMPLER": "always_on",
+        }, tmp_path)
+    sent = b"".join(body for _, body in received).decode()
     assert '"connect"' in sent, sent  # the span arrived
     assert "Hunter2Secret" not in sent and "AzureKeySecret" not in sent, sent
-    assert "postgresql://app:***@db/cqrs" in sent and "AccountKey=***" in sent, sent
+    assert "postgresql://app:***@db/x" in sent and "AccountKey=***" in sent, sent
 
 
 @pytest.mark.parametrize(("setting", "exported"), [("none", False), ("otlp", True)])
 def test_otel_metrics_exporter_none_keeps_metrics_at_the_prometheus_endpoint_only(
     setting: str, exported: bool, tmp_path: object
 ) -> None:
-    paths: list[str] = []
-
-    class Collector(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            paths.append(self.path)
-            self.send_response(200)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Collector)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    script = textwrap.dedent("""
-        from cqrskit import telemetry
-        telemetry.configure("otlp", "cqrskit-test")
-        telemetry.commands.add(1, {"command": "probe", "outcome": "ok"})
-        telemetry.shutdown()
-    """)
-    env = {"PATH": "/usr/bin:/bin", "TMPDIR": str(tmp_path),
-           "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}",
-           "OTEL_METRICS_EXPORTER": setting}
-    try:
-        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                              text=True, timeout=60)
-    finally:
-        server.shutdown()
-        server.server_close()
-    assert done.returncode == 0, done.stderr
-    assert ("/v1/metrics" in paths) is exported, paths
+    with _collector() as (endpoint, received):
+        _run("""
+            from cqrskit import telemetry
+            telemetry.configure("otlp", "cqrskit-test")
+            telemetry.commands.add(1, {"command": "probe", "outcome": "ok"})
+            telemetry.shutdown()
+        """, {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_METRICS_EXPORTER": setting},
+            tmp_path)
+    assert ("/v1/metrics" in [path for path, _ in received]) is exported, received
