@@ -26,7 +26,7 @@ from opentelemetry import metrics, propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.metrics import CallbackOptions, Counter, Histogram, Observation
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.trace import Link, Span, StatusCode
+from opentelemetry.trace import Span, StatusCode
 
 from cqrskit.errors import CqrskitError
 from cqrskit.messages import Envelope
@@ -136,18 +136,27 @@ def batch_span(
     and linked to the traces of the next few (spans have one parent, but many links)."""
     if not tracing() or not envelopes:
         return nullcontext()
-    contexts = [context_of(e.metadata) for e in envelopes[: MAX_LINKS + 1]]
-    links = [
-        Link(span.get_span_context())
-        for span in (trace.get_current_span(c) for c in contexts[1:])
-        if span.get_span_context().is_valid
-    ]
+    return _batch_span(name, envelopes, attributes)
+
+
+@contextmanager
+def _batch_span(
+    name: str, envelopes: Sequence[Envelope], attributes: dict[str, Any]
+) -> Iterator[Span]:
     attributes = {**attributes, "cqrskit.events": len(envelopes),
                   "cqrskit.first_position": envelopes[0].position,
                   "cqrskit.last_position": envelopes[-1].position}
-    return tracer.start_as_current_span(
-        name, context=contexts[0], links=links, attributes=attributes
-    )
+    span = tracer.start_span(name, context=context_of(envelopes[0].metadata),
+                             attributes=attributes)
+    if span.is_recording():
+        # Only a span that is kept gets links: each one reads an event's trace context
+        # back from its metadata, work wasted on the batches a sampler drops.
+        for envelope in envelopes[1 : MAX_LINKS + 1]:
+            linked = trace.get_current_span(context_of(envelope.metadata)).get_span_context()
+            if linked.is_valid:
+                span.add_link(linked)
+    with trace.use_span(span, end_on_exit=True):
+        yield span
 
 
 # ------------------------------------------------------- lag, from status snapshots

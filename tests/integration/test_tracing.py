@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from cqrskit.api.app import create_app
 from cqrskit.bootstrap import open_runtime
 from cqrskit.config import Settings
 from cqrskit.domains import records
+from cqrskit.messages import Envelope
 from cqrskit.registry import Registry
 
 
@@ -177,3 +179,33 @@ async def test_metrics_move_with_commands_and_lag(api: httpx.AsyncClient, tmp_pa
         await processor.close()
     projected = await metric("cqrskit_events_projected_total")
     assert projected[(("projection", "records"),)] >= 3
+
+
+def test_a_batch_span_continues_its_first_event_and_links_the_others(
+    spans: InMemorySpanExporter,
+) -> None:
+    """Three events of three traces in one batch: the batch span is a child of the first
+    event's span and links the other two; a batch whose first trace was not sampled
+    records nothing (nor reads the others' trace contexts)."""
+    tracer = trace.get_tracer("test")
+    metadata = []
+    for n in range(3):
+        with tracer.start_as_current_span(f"command {n}") as command:
+            metadata.append((command.get_span_context(), telemetry.trace_headers()))
+    batch = [Envelope(f"e{n}", f"s{n}", "record", 1, n + 1, "RecordInserted", 1, {},
+                      headers, "2026-11-29T00:00:00+00:00")
+             for n, (_, headers) in enumerate(metadata)]
+    spans.clear()
+    with telemetry.batch_span("update views test", batch, {}):
+        pass
+    [recorded] = [s for s in spans.get_finished_spans() if s.name == "update views test"]
+    first, *others = (context for context, _ in metadata)
+    assert recorded.parent is not None and recorded.parent.span_id == first.span_id
+    assert [link.context.span_id for link in recorded.links] == [c.span_id for c in others]
+
+    unsampled = {"traceparent": f"00-{first.trace_id:032x}-{first.span_id:016x}-00"}
+    spans.clear()
+    with telemetry.batch_span("update views test", [replace(batch[0], metadata=unsampled),
+                                                   *batch[1:]], {}):
+        pass
+    assert [s for s in spans.get_finished_spans() if s.name == "update views test"] == []
