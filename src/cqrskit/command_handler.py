@@ -62,16 +62,15 @@ class AggregateCache:
             self._entries.move_to_end(stream_id)
         return aggregate
 
-    def put(self, aggregate: Aggregate, stream_id: str | None = None) -> None:
-        """Cache under `stream_id` (a tenant's stored id), else the aggregate's own id."""
+    def put(self, aggregate: Aggregate, stream_id: str) -> None:
+        """Cache under its stored stream id (a tenant's carries the tenant's prefix)."""
         if self.size <= 0:
             return
-        key = aggregate.id if stream_id is None else stream_id
-        current = self._entries.get(key)
+        current = self._entries.get(stream_id)
         if current is not None and current.version > aggregate.version:
             return  # a slow read finished after a newer state was cached
-        self._entries[key] = aggregate
-        self._entries.move_to_end(key)
+        self._entries[stream_id] = aggregate
+        self._entries.move_to_end(stream_id)
         while len(self._entries) > self.size:
             self._entries.popitem(last=False)
 

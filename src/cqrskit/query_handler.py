@@ -11,7 +11,7 @@ from cqrskit.messages import ConsistencyToken, stream_hash
 from cqrskit.ports import EventStore, ViewStore
 from cqrskit.registry import Query, Registry
 from cqrskit.telemetry import operation, queries, query_duration
-from cqrskit.tenancy import TenantViews, local, scoped
+from cqrskit.tenancy import TenantViews, public_result, scoped
 
 
 @dataclass(slots=True, frozen=True)
@@ -123,11 +123,8 @@ class QueryHandler:
         overall = "projected" if states <= {"projected"} else (
             "parked" if "parked" in states else "pending"
         )
-        answer = result.to_dict()
         return {
-            **answer,
-            "id": local(answer["id"]),
-            "command_id": local(answer["command_id"]),
+            **public_result(result.to_dict()),
             "position": result.position,
             "status": overall,
             "projections": projections,

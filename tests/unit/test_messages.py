@@ -132,16 +132,16 @@ def test_command_hash_tells_a_retry_from_a_different_command() -> None:
 def test_aggregate_cache_evicts_least_recently_used() -> None:
     cache = AggregateCache(2)
     a, b, c = Record("a"), Record("b"), Record("c")
-    cache.put(a)
-    cache.put(b)
+    cache.put(a, "a")
+    cache.put(b, "b")
     assert cache.get("a") is a  # a is now the most recently used
-    cache.put(c)
+    cache.put(c, "c")
     assert cache.get("b") is None
     assert cache.get("a") is a and cache.get("c") is c
     cache.evict("a")
     assert cache.get("a") is None
     disabled = AggregateCache(0)
-    disabled.put(a)
+    disabled.put(a, "a")
     assert disabled.get("a") is None
 
 

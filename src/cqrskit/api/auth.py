@@ -64,13 +64,19 @@ class Principal:
     tenant: str = DEFAULT
 
 
+def request_principal(request: Request) -> Principal | None:
+    """Who made the request, as authentication found; None with authentication off."""
+    principal = getattr(request.state, "principal", None)
+    return principal if isinstance(principal, Principal) else None
+
+
 def request_tenant(request: Request) -> str | None:
     """The tenant of the request's authenticated principal; None with authentication off.
 
     Only ever from the credential: no header or body field a caller chooses.
     """
-    principal = getattr(request.state, "principal", None)
-    return principal.tenant if isinstance(principal, Principal) else None
+    principal = request_principal(request)
+    return None if principal is None else principal.tenant
 
 
 def _unauthorized(message: str, *, invalid: bool = True) -> HTTPException:

@@ -13,7 +13,7 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
 
-from cqrskit.api.auth import ADMIN, Principal
+from cqrskit.api.auth import ADMIN, Principal, request_principal
 from cqrskit.api.errors import error_responses
 from cqrskit.errors import NotFound, Unavailable
 from cqrskit.status import StatusSampler
@@ -47,7 +47,7 @@ def dashboard_router(sampler: SamplerRef, status_dependencies: list[Any]) -> API
         latest = sampler().latest
         if latest is None:
             raise Unavailable("the pipeline status has not been read yet; retry in a second")
-        return visible_status(latest, _principal(request))
+        return visible_status(latest, request_principal(request))
 
     @router.get(
         "/api/status/stream", tags=["operations"], dependencies=status_dependencies,
@@ -56,7 +56,7 @@ def dashboard_router(sampler: SamplerRef, status_dependencies: list[Any]) -> API
     )
     async def status_stream(request: Request) -> StreamingResponse:
         updates = sampler().updates()
-        principal = _principal(request)
+        principal = request_principal(request)
 
         async def events() -> AsyncIterator[bytes]:
             async for snapshot in updates:
@@ -67,11 +67,6 @@ def dashboard_router(sampler: SamplerRef, status_dependencies: list[Any]) -> API
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
     return router
-
-
-def _principal(request: Request) -> Principal | None:
-    principal = getattr(request.state, "principal", None)
-    return principal if isinstance(principal, Principal) else None
 
 
 def visible_status(snapshot: dict[str, Any], principal: Principal | None) -> dict[str, Any]:

@@ -56,19 +56,20 @@ class SecurityHeaders:
 
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
-        self.headers = security_headers(settings)
+        headers = security_headers(settings)
         policy = settings.content_security_policy.strip()
-        self.policy = policy.encode() if settings.security_headers and policy else b""
-        self.docs_policy = DOCS_POLICY.encode() if self.policy else b""
+        csp = b"content-security-policy"
+        if settings.security_headers and policy:
+            self.extra = [*headers, (csp, policy.encode())]
+            self.docs_extra = [*headers, (csp, DOCS_POLICY.encode())]
+        else:
+            self.extra = self.docs_extra = headers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        extra = list(self.headers)
-        docs = scope["path"] in DOCS_PATHS
-        if self.policy:
-            extra.append((b"content-security-policy", self.docs_policy if docs else self.policy))
+        extra = self.docs_extra if scope["path"] in DOCS_PATHS else self.extra
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
