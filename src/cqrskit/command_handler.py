@@ -21,8 +21,8 @@ from cqrskit.telemetry import (
     commands,
     events_appended,
     operation,
+    step_span,
     trace_headers,
-    tracer,
 )
 from cqrskit.tenancy import is_default, local, scoped
 
@@ -186,7 +186,7 @@ class CommandHandler:
                 command_hash=digest,
             )
             try:
-                with tracer.start_as_current_span("append", attributes={
+                with step_span("append", {
                     "cqrskit.stream_id": stream_id, "cqrskit.events": len(events),
                 }):
                     result = await self.store.append(request)

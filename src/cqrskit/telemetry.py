@@ -83,12 +83,16 @@ def operation(
     """
     started = time.perf_counter()
     outcome = "ok"
-    # start_span and attach rather than start_as_current_span: the same, minus two
-    # generator-based context managers (a few microseconds on every command).
-    span = tracer.start_span(
-        name, attributes=attributes, record_exception=False, set_status_on_exception=False
-    )
-    token = otel_context.attach(trace.set_span_in_context(span))
+    token = None
+    if dropped():
+        span = trace.get_current_span()
+    else:
+        # start_span and attach rather than start_as_current_span: the same, minus two
+        # generator-based context managers (a few microseconds on every command).
+        span = tracer.start_span(
+            name, attributes=attributes, record_exception=False, set_status_on_exception=False
+        )
+        token = otel_context.attach(trace.set_span_in_context(span))
     try:
         yield span
     except BaseException as error:
@@ -99,8 +103,9 @@ def operation(
             span.set_status(StatusCode.ERROR, f"{type(error).__name__}: {error}")
         raise
     finally:
-        otel_context.detach(token)
-        span.end()
+        if token is not None:
+            otel_context.detach(token)
+            span.end()
         measured = {**attributes, "outcome": outcome}
         counter.add(1, measured)
         duration.record(time.perf_counter() - started, measured)
@@ -126,6 +131,51 @@ def tracing() -> bool:
     return isinstance(trace.get_tracer_provider(), TracerProvider)
 
 
+def dropped() -> bool:
+    """Whether a span made now would surely be dropped: the current trace was not
+    sampled and the sampler follows the parent's decision.
+
+    Most traces are dropped when a ratio sampler keeps one in ten, and making their
+    spans anyway, only to drop them, cost more than a tenth of a command's CPU.
+    """
+    context = trace.get_current_span().get_span_context()
+    return context.is_valid and not context.trace_flags.sampled and _follows_parent()
+
+
+def step_span(name: str, attributes: dict[str, Any]) -> AbstractContextManager[Any]:
+    """A span for a step inside an operation, unless it would surely be dropped."""
+    if dropped():
+        return nullcontext()
+    return tracer.start_as_current_span(name, attributes=attributes)
+
+
+def unsampled_traceparent(metadata: Mapping[str, Any]) -> bool:
+    """Whether an event's stored trace context says its trace was not sampled (so the
+    spans of its processing would be dropped), read without parsing the context."""
+    value = metadata.get("traceparent")
+    return isinstance(value, str) and value.endswith("-00") and _follows_parent()
+
+
+def _follows_parent() -> bool:
+    """Whether the sampler drops every child of a span that was not sampled, as the
+    standard parent-based samplers do (the SDK's default among them)."""
+    global _sampler_checked
+    sampler = getattr(trace.get_tracer_provider(), "sampler", None)
+    if sampler is None:
+        return False
+    if _sampler_checked[0] is not sampler:
+        description = sampler.get_description()
+        _sampler_checked = (sampler, (
+            description.startswith("ParentBased{")
+            and "remoteParentNotSampled:AlwaysOffSampler" in description
+            and "localParentNotSampled:AlwaysOffSampler" in description
+        ) or description == "AlwaysOffSampler")
+    return _sampler_checked[1]
+
+
+_sampler_checked: tuple[object, bool] = (None, False)
+
+
 MAX_LINKS = 32
 
 
@@ -134,7 +184,7 @@ def batch_span(
 ) -> AbstractContextManager[Any]:
     """A span for work on a batch of events, in the trace of the batch's first event
     and linked to the traces of the next few (spans have one parent, but many links)."""
-    if not tracing() or not envelopes:
+    if not tracing() or not envelopes or unsampled_traceparent(envelopes[0].metadata):
         return nullcontext()
     return _batch_span(name, envelopes, attributes)
 
@@ -236,44 +286,34 @@ def configure(exporter: str, service_name: str) -> None:
         raise ValueError(f"unknown telemetry exporter {exporter!r}; use one of {EXPORTERS}")
     if _shutdown:
         return
-    from opentelemetry.exporter.prometheus import PrometheusMetricReader
     from opentelemetry.sdk.resources import Resource
     chosen = choose_exporter(exporter)
     attributes = {"service.instance.id": f"{socket.gethostname()}-{os.getpid()}"}
     if not os.environ.get("OTEL_SERVICE_NAME"):
         attributes["service.name"] = service_name
     resource = Resource.create(attributes)
-    prometheus = PrometheusMetricReader()
     if chosen == "azure":
-        _configure_azure(resource, prometheus)
+        _configure_azure(resource)
     else:
-        _configure_sdk(chosen, resource, prometheus)
+        _configure_sdk(chosen, resource)
     log.info("telemetry: %s exporter, service %s", chosen,
              resource.attributes.get("service.name"))
 
 
-def _configure_sdk(chosen: str, resource: Any, prometheus: Any) -> None:
+def _configure_sdk(chosen: str, resource: Any) -> None:
     from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
-    from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
     from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 
     from cqrskit.redaction import RedactingSpanExporter
 
-    readers: list[MetricReader] = [prometheus]
     span_exporter: SpanExporter | None = None
     span_processor: SpanProcessor | None = None
     if chosen == "otlp":
-        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-
         from cqrskit.span_export import ProcessSpanProcessor
 
         # Encoded and sent by a child process, off this process's GIL (span_export.py).
         span_processor = ProcessSpanProcessor(resource.attributes, resource.schema_url)
-        # OTEL_METRICS_EXPORTER=none (the standard variable) keeps metrics at /metrics
-        # only: every measurement is otherwise aggregated once more for OTLP.
-        if os.environ.get("OTEL_METRICS_EXPORTER", "otlp").strip().lower() != "none":
-            readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
     elif chosen == "console":
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
@@ -281,7 +321,8 @@ def _configure_sdk(chosen: str, resource: Any, prometheus: Any) -> None:
     # No exemplars: they would tie each measurement to the current span, a cost on
     # every command that neither /metrics (Prometheus text) nor OTLP users here read.
     meter_provider = MeterProvider(
-        metric_readers=readers, resource=resource, exemplar_filter=AlwaysOffExemplarFilter()
+        metric_readers=_metric_readers(chosen), resource=resource,
+        exemplar_filter=AlwaysOffExemplarFilter(),
     )
     metrics.set_meter_provider(meter_provider)
     _shutdown.append(meter_provider.shutdown)
@@ -297,7 +338,29 @@ def _configure_sdk(chosen: str, resource: Any, prometheus: Any) -> None:
     tracer_provider.add_span_processor(span_processor)
 
 
-def _configure_azure(resource: Any, prometheus: Any) -> None:
+def _metric_readers(chosen: str) -> list[Any]:
+    """The Prometheus reader behind /metrics; with OTLP, the same reader exporting its
+    aggregation (metric_export.py), unless OTEL_METRICS_EXPORTER=none (the standard
+    variable) keeps metrics at /metrics only or the OTLP settings ask for a
+    temporality or histogram of their own, which takes a second reader."""
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+
+    exported = os.environ.get("OTEL_METRICS_EXPORTER", "otlp").strip().lower() != "none"
+    if chosen != "otlp" or not exported:
+        return [PrometheusMetricReader()]
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+    from cqrskit import metric_export
+
+    if not metric_export.shareable():
+        return [PrometheusMetricReader(), PeriodicExportingMetricReader(OTLPMetricExporter())]
+    interval = float(os.environ.get("OTEL_METRIC_EXPORT_INTERVAL", "60000")) / 1000
+    timeout = float(os.environ.get("OTEL_METRIC_EXPORT_TIMEOUT", "30000")) / 1000
+    return [metric_export.PrometheusAndOtlpReader(OTLPMetricExporter(), interval, timeout)]
+
+
+def _configure_azure(resource: Any) -> None:
     try:
         from azure.monitor.opentelemetry import configure_azure_monitor
     except ImportError:
@@ -309,7 +372,7 @@ def _configure_azure(resource: Any, prometheus: Any) -> None:
 
     configure_azure_monitor(
         resource=resource,
-        metric_readers=[prometheus],
+        metric_readers=_metric_readers("azure"),
         # Before Azure Monitor's exporting processor: no secret leaves in a span.
         span_processors=[RedactSpans()],
         # cqrskit instruments its own FastAPI app; live metrics would open a

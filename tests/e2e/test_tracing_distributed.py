@@ -87,3 +87,31 @@ def test_the_last_spans_are_sent_when_the_server_is_stopped(
     assert server.stop() is not None
     commands = [s for s in receiver.spans if s.name == "command insert"]
     assert len(commands) == 20, server.log_tail()
+
+
+@pytest.mark.parametrize("sampler", ["parentbased_always_on", "always_on"])
+def test_a_trace_the_caller_did_not_sample_is_recorded_only_if_the_sampler_ignores_it(
+    servers: ServerPool, receiver: OtlpReceiver, sampler: str
+) -> None:
+    """cqrskit skips making the spans of a trace its sampler would drop: that must
+    not change which spans arrive, whatever the sampler."""
+    server = servers.new({"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
+                          "OTEL_METRIC_EXPORT_INTERVAL": "60000",
+                          "OTEL_TRACES_SAMPLER": sampler})
+    wanted = {"POST /api/command/insert", "command insert", "append",
+              "update views records", "update views statistics"}
+    sampled, unsampled = os.urandom(16).hex(), os.urandom(16).hex()
+    with server.client() as client:
+        # One after the other: a view-update batch belongs to its first event's trace.
+        for trace_id, flags in ((sampled, "01"), (unsampled, "00")):
+            answer = client.post(
+                "/api/command/insert", json={"data": {}},
+                headers={"traceparent": f"00-{trace_id}-{os.urandom(8).hex()}-{flags}"})
+            assert answer.status_code == 202, answer.text
+            token = {"X-Consistency-Token": answer.json()["consistency_token"]}
+            for query in ("/api/query/stats", f"/api/query/get?id={answer.json()['id']}"):
+                assert client.get(query, headers=token).status_code == 200
+    assert server.stop() is not None  # sends whatever is left
+    assert wanted <= {s.name for s in receiver.of_trace(sampled)}, receiver.names()
+    recorded = {s.name for s in receiver.of_trace(unsampled)}
+    assert recorded == (wanted if sampler == "always_on" else set()), recorded

@@ -20,6 +20,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 from prometheus_client.parser import text_string_to_metric_families
 
 from cqrskit import telemetry
@@ -209,3 +210,64 @@ def test_a_batch_span_continues_its_first_event_and_links_the_others(
                                                    *batch[1:]], {}):
         pass
     assert [s for s in spans.get_finished_spans() if s.name == "update views test"] == []
+
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+CALLER_SPAN = "00f067aa0ba902b7"
+
+
+def _of_trace(spans: InMemorySpanExporter, trace_id: str) -> list[ReadableSpan]:
+    return [s for s in spans.get_finished_spans() if f"{s.context.trace_id:032x}" == trace_id]
+
+
+async def test_the_request_span_continues_the_callers_trace_and_names_its_route(
+    serve: httpx.AsyncClient, spans: InMemorySpanExporter
+) -> None:
+    accepted = await serve.post("/api/command/insert?why=test", json={"data": {"a": 1}},
+                                headers={"traceparent": f"00-{TRACE_ID}-{CALLER_SPAN}-01"})
+    assert accepted.status_code == 202
+    [request] = [s for s in _of_trace(spans, TRACE_ID) if s.kind == SpanKind.SERVER]
+    assert request.name == "POST /api/command/insert"
+    assert request.parent is not None and f"{request.parent.span_id:016x}" == CALLER_SPAN
+    assert request.attributes is not None
+    assert request.attributes["http.route"] == "/api/command/insert"
+    assert request.attributes["http.response.status_code"] == 202
+    assert request.attributes["url.query"] == "why=test"
+    assert request.status.is_unset
+
+    # A refusal is the client's error, not a failed request; a probe makes no span.
+    spans.clear()
+    assert (await serve.post("/api/command/insert", json={"nope": 1})).status_code == 422
+    assert (await serve.get("/readyz")).status_code == 200
+    [refused] = [s for s in spans.get_finished_spans() if s.kind == SpanKind.SERVER]
+    assert refused.attributes and refused.attributes["http.response.status_code"] == 422
+    assert refused.status.is_unset
+
+
+async def test_a_trace_the_caller_did_not_sample_makes_no_spans_but_carries_on(
+    serve: httpx.AsyncClient, spans: InMemorySpanExporter, tmp_path: Path
+) -> None:
+    """Under a parent-based sampler (the default), a request whose caller did not sample
+    its trace makes no span in any step, and its events still carry the trace, unsampled
+    (tests/e2e/test_tracing_distributed.py has a sampler that ignores the parent)."""
+    spans.clear()
+    unsampled = {"traceparent": f"00-{TRACE_ID}-{CALLER_SPAN}-00"}
+    accepted = await serve.post("/api/command/insert", json={"data": {"a": 1}},
+                                headers=unsampled)
+    assert accepted.status_code == 202
+    body = accepted.json()
+    record = await serve.get("/api/query/get", params={"id": body["id"]},
+                             headers={"X-Consistency-Token": body["consistency_token"]})
+    assert record.status_code == 200  # projected, through a batch that made no span
+    assert _of_trace(spans, TRACE_ID) == []
+    runtime = await open_runtime(_settings(tmp_path), Registry([records.domain]),
+                                 role="command-handler")
+    try:
+        assert runtime.store is not None
+        [event] = [e for e in await runtime.store.read_all(0, 100)
+                   if e.stream_id == body["id"]]
+    finally:
+        await runtime.close()
+    assert event.metadata["traceparent"].startswith(f"00-{TRACE_ID}-")
+    assert event.metadata["traceparent"].endswith("-00")
+

@@ -1,6 +1,7 @@
 """Telemetry logic: exporter choice, outcomes, trace context in event metadata."""
 
 import gzip
+import json
 import subprocess
 import sys
 import textwrap
@@ -10,12 +11,15 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest,
+)
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import get_current_span
 
-from cqrskit import telemetry
+from cqrskit import metric_export, telemetry
 from cqrskit.errors import CommandRejected, ConcurrencyConflict, NotFound
 
 
@@ -65,7 +69,7 @@ def test_azure_monitor_starts_and_stops_without_network(tmp_path: object) -> Non
     script = textwrap.dedent("""
         import logging, sys
         logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-        from cqrskit import telemetry
+        from cqrskit import metric_export, telemetry
         telemetry.configure("auto", "cqrskit-test")
         with telemetry.tracer.start_as_current_span("probe"):
             telemetry.commands.add(1, {"command": "probe", "outcome": "ok"})
@@ -134,7 +138,7 @@ def test_azure_monitor_sends_spans_with_their_secrets_redacted(tmp_path: object)
     accepted = b'{"itemsReceived": 1, "itemsAccepted": 1, "errors": []}'
     with _collector(accepted) as (endpoint, received):
         _run("""
-            from cqrskit import telemetry
+            from cqrskit import metric_export, telemetry
             telemetry.configure("azure", "cqrskit-test")
             try:
                 with telemetry.tracer.start_as_current_span(
@@ -166,10 +170,97 @@ def test_otel_metrics_exporter_none_keeps_metrics_at_the_prometheus_endpoint_onl
 ) -> None:
     with _collector() as (endpoint, received):
         _run("""
-            from cqrskit import telemetry
+            from cqrskit import metric_export, telemetry
             telemetry.configure("otlp", "cqrskit-test")
             telemetry.commands.add(1, {"command": "probe", "outcome": "ok"})
             telemetry.shutdown()
         """, {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_METRICS_EXPORTER": setting},
             tmp_path)
     assert ("/v1/metrics" in [path for path, _ in received]) is exported, received
+
+
+# ------------------------------------------------------- one metrics aggregation
+
+METRICS_SCRIPT = """
+    import json, time
+    from prometheus_client import REGISTRY, generate_latest
+    from opentelemetry import metrics
+    from cqrskit import telemetry
+
+    def scraped():
+        return [line.rsplit(" ", 1)[1] for line in generate_latest(REGISTRY).decode().splitlines()
+                if line.startswith("cqrskit_commands_total")]
+
+    telemetry.configure("otlp", "cqrskit-test")
+    readers = metrics.get_meter_provider()._metric_readers
+    for _ in range(3):
+        telemetry.commands.add(1, {"command": "probe", "outcome": "ok"})
+    first = scraped()
+    time.sleep(0.7)  # a few exports, no scrape
+    telemetry.commands.add(2, {"command": "probe", "outcome": "ok"})
+    second = scraped()
+    telemetry.shutdown()
+    print(json.dumps({"readers": [type(r).__name__ for r in readers],
+                      "first": first, "second": second}))
+"""
+
+
+def _command_sums(bodies: list[bytes]) -> list[float]:
+    """The cqrskit.commands value of each OTLP metrics export, in order."""
+    sums = []
+    for body in bodies:
+        for resource in ExportMetricsServiceRequest.FromString(body).resource_metrics:
+            for scope in resource.scope_metrics:
+                for metric in scope.metrics:
+                    if metric.name == "cqrskit.commands":
+                        sums.append(sum(p.as_int or p.as_double for p in metric.sum.data_points))
+    return sums
+
+
+def _run_metrics(env: dict[str, str], tmp_path: object) -> tuple[dict[str, list[str]], list[float]]:
+    with _collector() as (endpoint, received):
+        done = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(METRICS_SCRIPT)],
+            env={"PATH": "/usr/bin:/bin", "TMPDIR": str(tmp_path),
+                 "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_METRIC_EXPORT_INTERVAL": "150",
+                 **env},
+            capture_output=True, text=True, timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "Traceback" not in done.stderr, done.stderr
+        sums = _command_sums([body for path, body in received if path == "/v1/metrics"])
+    return json.loads(done.stdout), sums
+
+
+def test_one_reader_serves_metrics_and_exports_the_same_counts_over_otlp(
+    tmp_path: object,
+) -> None:
+    seen, sums = _run_metrics({}, tmp_path)
+    assert seen["readers"] == ["PrometheusAndOtlpReader"]
+    # /metrics is current at each scrape, and the exports in between left no copies
+    # behind for the next scrape to show.
+    assert seen["first"] == ["3.0"]
+    assert seen["second"] == ["5.0"]
+    # Cumulative, as OTLP's default: exports during the sleep saw 3, the last one 5.
+    assert len(sums) >= 3, sums
+    assert 3 in sums and sums[-1] == 5, sums
+    assert sums == sorted(sums), sums
+
+
+def test_a_delta_temporality_gets_an_otlp_reader_of_its_own(tmp_path: object) -> None:
+    delta = {"OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE": "delta"}
+    seen, sums = _run_metrics(delta, tmp_path)
+    assert seen["readers"] == ["PrometheusMetricReader", "PeriodicExportingMetricReader"]
+    assert seen["second"] == ["5.0"]
+    assert sum(sums) == 5 and 3 in sums and 2 in sums, sums  # deltas: 3, then 2
+
+
+def test_only_otlp_defaults_can_share_the_aggregation() -> None:
+    assert metric_export.shareable({})
+    assert metric_export.shareable({"OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE":
+                                    "CUMULATIVE"})
+    assert not metric_export.shareable({"OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE":
+                                        "lowmemory"})
+    assert not metric_export.shareable({
+        "OTEL_EXPORTER_OTLP_METRICS_DEFAULT_HISTOGRAM_AGGREGATION":
+            "base2_exponential_bucket_histogram"})

@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, MutableMapping
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
 from cqrskit import redaction, telemetry
-from cqrskit.api import errors, headers, limits
+from cqrskit.api import errors, headers, limits, request_spans
 from cqrskit.api.auth import ADMIN, COMMANDS_WRITE, QUERIES_READ, Authenticator
 from cqrskit.api.dashboard import dashboard_router
 from cqrskit.api.forwarding import Forwarder, open_client
@@ -51,8 +51,6 @@ QUERY_ROUTES = ("serve", "api", "query-handler")
 DEAD_LETTER_ROUTES = ("serve", "api")
 DASHBOARD = ("serve", "api", "query-handler")
 RATE_LIMITED = ("serve", "api")
-# Probes, scrapes and the dashboard (its page and its status stream) are not traced.
-UNTRACED = ("/healthz", "/readyz", "/metrics", "/api/status", "/dashboard")
 
 
 def _running(service: T | None) -> T:
@@ -142,11 +140,11 @@ def create_app(
         summary="Commands in, events through a durable stream, queries out.",
         version="0.1.0",
         lifespan=lifespan,
-        # FastAPI's own OpenTelemetry: a server span and request metrics per request,
-        # through the global providers (looked up per request, so `telemetry.configure`
-        # or a test's provider may come after the app). One span per request: the
-        # operation spans (dependencies, serialisation) would triple a command's spans.
-        telemetry={"operation_spans": False, "logs": False, "exclude": _untraced},
+        # FastAPI's own OpenTelemetry for the request metrics, through the global
+        # providers (looked up per request, so `telemetry.configure` or a test's
+        # provider may come after the app); request_spans makes the span.
+        telemetry={"tracing": False, "operation_spans": False, "logs": False,
+                   "exclude": request_spans.untraced},
     )
     errors.install(app)
     limits.install(app)
@@ -157,6 +155,7 @@ def create_app(
     if cors is not None:
         app.add_middleware(CORSMiddleware, **cors)  # type: ignore[arg-type]
     headers.install(app, settings)
+    request_spans.install(app)
     auth = Authenticator(settings)
     # Authentication, then the caller's rate limit; only where clients call in: the
     # handler services behind an API would see every caller as the API's address.
@@ -187,11 +186,6 @@ def create_app(
         # queries:read (so with auth on, the page shows no figures: docs/security.md).
         app.include_router(dashboard_router(services.status, guard.requires(QUERIES_READ)))
     return app
-
-
-def _untraced(scope: MutableMapping[str, Any]) -> bool:
-    path: str = scope.get("path", "")
-    return path == "/" or path.startswith(UNTRACED)
 
 
 def _set_services(
