@@ -6,13 +6,14 @@ the next, from the `http` workload's load generator (benchmarks.http_load), a
 process of its own on plain asyncio streams: an HTTP library in this process
 spent more CPU per command than the server, on the same two cores. Cases:
 - telemetry none (the default; the baseline): metrics at /metrics, no spans;
-- OTLP exporter on: every request, command, append and projection is a span,
-  batched and exported over OTLP/HTTP to a receiver that reads and discards
-  them. The receiver is a process of its own, as a collector would be: in the
-  benchmark's process it would take the GIL from the load generator's clients
-  and slow the clients, not the server;
-- the same with one trace in ten kept (`parentbased_traceidratio`, 0.1): the
-  usual production setting, since the metrics count every command anyway.
+- OTLP exporter on, as configured by default: one trace in ten is kept
+  (`parentbased_traceidratio`, 0.1), its request, command, append and
+  projections as spans, batched and exported over OTLP/HTTP to a receiver that
+  reads and discards them; the metrics count every command anyway. The receiver
+  is a process of its own, as a collector would be: in the benchmark's process it
+  would take the GIL from the load generator's clients and slow the clients, not
+  the server;
+- the same keeping every trace (`OTEL_TRACES_SAMPLER=parentbased_always_on`).
 Each case gets a fresh server, data directory and telemetry setup per run. The
 three servers run side by side and take turns: each case gets SLICES slices of
 load (a fifth of the size's lag_seconds each), a slice of every case per turn,
@@ -44,8 +45,8 @@ CLIENTS = 8
 SLICES = 10
 CATCH_UP_SECONDS = 120.0
 BASELINE = f"HTTP insert · {CLIENTS} clients · telemetry none"
-OTLP = f"HTTP insert · {CLIENTS} clients · OTLP exporter"
-SAMPLED = f"HTTP insert · {CLIENTS} clients · OTLP exporter, 10% of traces"
+OTLP = f"HTTP insert · {CLIENTS} clients · OTLP exporter (default: 10% of traces)"
+EVERY = f"HTTP insert · {CLIENTS} clients · OTLP exporter, every trace"
 
 
 class _Discard(BaseHTTPRequestHandler):
@@ -137,8 +138,7 @@ def run(size: Size, workdir: Path) -> list[Measurement]:
         cases = {
             BASELINE: {"CQRSKIT_TELEMETRY": "none"},
             OTLP: otlp_env,
-            SAMPLED: {**otlp_env, "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
-                      "OTEL_TRACES_SAMPLER_ARG": "0.1"},
+            EVERY: {**otlp_env, "OTEL_TRACES_SAMPLER": "parentbased_always_on"},
         }
         urls = {}
         for k, (name, env) in enumerate(cases.items()):

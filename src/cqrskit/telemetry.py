@@ -296,8 +296,10 @@ def configure(exporter: str, service_name: str) -> None:
         _configure_azure(resource)
     else:
         _configure_sdk(chosen, resource)
-    log.info("telemetry: %s exporter, service %s", chosen,
-             resource.attributes.get("service.name"))
+    sampler = getattr(trace.get_tracer_provider(), "sampler", None)
+    log.info("telemetry: %s exporter, service %s, sampler %s", chosen,
+             resource.attributes.get("service.name"),
+             sampler.get_description() if sampler is not None else "none")
 
 
 def _configure_sdk(chosen: str, resource: Any) -> None:
@@ -332,10 +334,27 @@ def _configure_sdk(chosen: str, resource: Any) -> None:
         return  # no tracing SDK at all: spans stay no-ops and cost nothing
     tracer_provider = trace.get_tracer_provider()
     if not isinstance(tracer_provider, TracerProvider):
-        tracer_provider = TracerProvider(resource=resource)
+        tracer_provider = TracerProvider(resource=resource, sampler=default_sampler(chosen))
         trace.set_tracer_provider(tracer_provider)
         _shutdown.append(tracer_provider.shutdown)
     tracer_provider.add_span_processor(span_processor)
+
+
+# With OTLP and no OTEL_TRACES_SAMPLER, one trace in ten is kept (and a caller's
+# sampled trace always): keeping every trace costs about 40% of the commands/s here,
+# one in ten about 7% (docs/benchmarks.md, "Telemetry"). The metrics count every
+# command either way. Azure Monitor's distro samples by default too.
+DEFAULT_SAMPLE_RATIO = 0.1
+
+
+def default_sampler(chosen: str, environ: Mapping[str, str] = os.environ) -> Any:
+    """The sampler cqrskit sets, or None to leave it to OTEL_TRACES_SAMPLER (whose own
+    default, for the console exporter, keeps every trace)."""
+    if chosen != "otlp" or environ.get("OTEL_TRACES_SAMPLER"):
+        return None
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+    return ParentBased(TraceIdRatioBased(DEFAULT_SAMPLE_RATIO))
 
 
 def _metric_readers(chosen: str) -> list[Any]:

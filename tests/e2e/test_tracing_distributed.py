@@ -79,7 +79,8 @@ def test_the_last_spans_are_sent_when_the_server_is_stopped(
     """SIGTERM ends `cqrskit serve` before the batch exporter's next send (every 5 s by
     default): its last spans must still reach the receiver."""
     server = servers.new({"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
-                          "OTEL_METRIC_EXPORT_INTERVAL": "60000"})
+                          "OTEL_METRIC_EXPORT_INTERVAL": "60000",
+                          "OTEL_TRACES_SAMPLER": "parentbased_always_on"})
     with server.client() as client:
         for n in range(20):
             answer = client.post("/api/command/insert", json={"id": f"last-{n}", "data": {}})

@@ -264,3 +264,35 @@ def test_only_otlp_defaults_can_share_the_aggregation() -> None:
     assert not metric_export.shareable({
         "OTEL_EXPORTER_OTLP_METRICS_DEFAULT_HISTOGRAM_AGGREGATION":
             "base2_exponential_bucket_histogram"})
+
+
+def test_otlp_keeps_one_trace_in_ten_unless_a_sampler_is_chosen() -> None:
+    ratio = "ParentBased{root:TraceIdRatioBased{0.1},"
+    assert telemetry.default_sampler("otlp", {}).get_description().startswith(ratio)
+    assert telemetry.default_sampler("otlp", {"OTEL_TRACES_SAMPLER": "always_on"}) is None
+    assert telemetry.default_sampler("console", {}) is None
+
+
+@pytest.mark.parametrize(("environ", "kept"), [
+    ({}, 0.1), ({"OTEL_TRACES_SAMPLER": "parentbased_always_on"}, 1.0),
+])
+def test_the_sampler_set_up_keeps_that_share_of_new_traces(
+    environ: dict[str, str], kept: float, tmp_path: object
+) -> None:
+    """Configured as a server would be: of 2,000 new traces, about 10% (binomial: within
+    3.5 standard deviations) or all of them are recorded."""
+    with _collector() as (endpoint, _):
+        _run("""
+            import sys
+            from opentelemetry import trace
+            from cqrskit import telemetry
+            telemetry.configure("otlp", "cqrskit-test")
+            recorded = 0
+            for _ in range(2000):
+                with telemetry.tracer.start_as_current_span("probe") as span:
+                    recorded += span.is_recording()
+            telemetry.shutdown()
+            sys.exit(0 if abs(recorded - 2000 * KEPT) < 3.5 * (2000 * KEPT * (1 - KEPT)) ** 0.5
+                     + 1 else f"recorded {recorded} of 2000")
+        """.replace("KEPT", str(kept)), {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+                                          "OTEL_METRICS_EXPORTER": "none", **environ}, tmp_path)
