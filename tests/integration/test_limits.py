@@ -180,9 +180,9 @@ async def test_consistency_waits_and_the_status_stream_are_not_cut_by_the_time_l
 ) -> None:
     settings = _settings(tmp_path, request_timeout=0.5, consistency_timeout=1.5)
     async with _serving(settings) as client:
-        sent = await client.post("/api/command/insert", json={"id": "w", "data": {}})
         with _write_locked(tmp_path / "query.db"):
             # The views cannot catch up: the query waits its full 1.5 s, then answers stale.
+            sent = await client.post("/api/command/insert", json={"id": "w", "data": {}})
             started = time.monotonic()
             answer = await client.get("/api/query/list", headers={
                 "X-Consistency-Token": sent.json()["consistency_token"]})
