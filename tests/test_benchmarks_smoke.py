@@ -60,7 +60,8 @@ def test_every_workload_runs_at_tiny_size(tmp_path: Path) -> None:
     assert "records · rebuild" in rates
     assert "statistics · rebuild" in rates
     assert any("p99" in r["case"] for r in results if r["workload"] == "lag")
-    assert "HTTP insert · 8 clients · OTLP exporter" in rates
+    assert "HTTP insert · 8 clients · OTLP exporter (default: 10% of traces)" in rates
+    assert "HTTP insert · 8 clients · OTLP exporter, every trace" in rates
     assert "cqrskit · insert · 8 clients · SQLite NORMAL" in rates
     assert ("eventsourcing", "eventsourcing · insert · 8 clients · SQLite NORMAL") in cases
     assert ("http", "cqrskit serve · SQLite NORMAL · POST insert · 16 connections") in cases

@@ -46,27 +46,22 @@ def cqrskit_executable() -> str:
 CQRSKIT = cqrskit_executable()
 
 
-def _pdeathsig() -> Callable[[], None] | None:
-    """On Linux, a pre-exec hook that has the child get SIGTERM if the test process dies.
+def _die_with_parent() -> list[str]:
+    """On Linux, a command prefix that has the child get SIGTERM if the test process dies.
 
     Fixture teardown stops every server; this covers a test run that is itself
-    killed, so no `cqrskit serve` outlives it. libc is loaded here, in the parent,
-    so the child runs a single syscall between fork and exec.
+    killed, so no `cqrskit serve` outlives it. util-linux's setpriv sets the signal
+    and execs the command, keeping its pid. Not a `preexec_fn`: with one, Python
+    runs the at-fork handlers in the child, and OpenTelemetry's tracer provider
+    (which tests install in this process) then starts a thread pool there, which
+    can deadlock on a lock another thread held at the fork.
     """
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    pr_set_pdeathsig = 1
-
-    def hook() -> None:
-        prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-    return hook
+    if not sys.platform.startswith("linux") or shutil.which("setpriv") is None:
+        return []
+    return ["setpriv", "--pdeathsig", "TERM"]
 
 
-_DIE_WITH_PARENT = _pdeathsig()
+DIE_WITH_PARENT = _die_with_parent()
 
 
 def free_port() -> int:
@@ -163,10 +158,10 @@ class Server:
             log.write(f"\n=== starting on port {self.port} ===\n".encode())
             log.flush()
             self.proc = subprocess.Popen(
-                [CQRSKIT, "serve", "--host", "127.0.0.1", "--port", str(self.port),
-                 "--data-dir", str(self.data_dir)],
+                [*DIE_WITH_PARENT, CQRSKIT, "serve", "--host", "127.0.0.1", "--port",
+                 str(self.port), "--data-dir", str(self.data_dir)],
                 env=child_env(self.env), stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, preexec_fn=_DIE_WITH_PARENT,
+                stdin=subprocess.DEVNULL,
             )
         deadline = time.monotonic() + timeout
         with self.client(timeout=2) as client:

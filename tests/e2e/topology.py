@@ -29,7 +29,7 @@ import httpx
 
 from cqrskit.messages import ConsistencyToken, partition_of
 
-from .harness import _DIE_WITH_PARENT, CQRSKIT, child_env, free_port, wait_until
+from .harness import CQRSKIT, DIE_WITH_PARENT, child_env, free_port, wait_until
 
 NATS_HOST, NATS_PORT = "127.0.0.1", 4222
 PARTITIONS = 8
@@ -81,8 +81,8 @@ class Topology:
         path = self.log_dir / f"{name}-{len(self.procs)}.log"
         with path.open("ab") as log:
             proc = subprocess.Popen(
-                [CQRSKIT, *args], env=child_env(self.env), stdout=log,
-                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_DIE_WITH_PARENT,
+                [*DIE_WITH_PARENT, CQRSKIT, *args], env=child_env(self.env), stdout=log,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )
         self.procs.append(proc)
         self.log_paths[proc.pid] = path

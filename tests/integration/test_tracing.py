@@ -154,14 +154,29 @@ async def test_metrics_move_with_commands_and_lag(api: httpx.AsyncClient, tmp_pa
             assert asyncio.get_running_loop().time() < deadline, f"timed out: {what}"
             await asyncio.sleep(0.05)
 
+    def requests(route: str, status: str) -> tuple[tuple[str, str], ...]:
+        return (("http_request_method", "POST"), ("http_response_status_code", status),
+                ("http_route", route), ("network_protocol_version", "1.1"),
+                ("url_scheme", "http"))
+
     ok = (("command", "insert"), ("outcome", "ok"))
+    inserts = requests("/api/command/insert", "202")
     before = (await metric("cqrskit_commands_total")).get(ok, 0)
+    requests_before = (await metric("http_server_request_duration_seconds_count")).get(inserts, 0)
     for i in range(3):
         assert (await api.post("/api/command/insert", json={"data": {"i": i}})).status_code == 202
     assert (await metric("cqrskit_commands_total"))[ok] == before + 3
     refused = (("command", "update"), ("outcome", "not_found"))
     await api.post("/api/command/update", json={"id": "nobody", "data": {}})
     assert (await metric("cqrskit_commands_total"))[refused] >= 1
+    # Each request is timed by its route and status, a refusal with no error.type;
+    # none is in flight once answered, and the scrapes themselves are not counted.
+    timed = await metric("http_server_request_duration_seconds_count")
+    assert timed[inserts] == requests_before + 3
+    assert timed[requests("/api/command/update", "404")] >= 1
+    assert not [labels for labels in timed if ("http_route", "/metrics") in labels]
+    assert (await metric("http_server_active_requests"))[
+        (("http_request_method", "POST"), ("url_scheme", "http"))] == 0
     assert sum((await metric("cqrskit_command_duration_seconds_count")).values()) >= 4
 
     # No update processor runs: the lag builds up to the 3 events, for each projection.

@@ -23,7 +23,7 @@ from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
 from cqrskit import redaction, telemetry
-from cqrskit.api import errors, headers, limits, request_spans
+from cqrskit.api import errors, headers, limits, request_telemetry
 from cqrskit.api.auth import ADMIN, COMMANDS_WRITE, QUERIES_READ, Authenticator
 from cqrskit.api.dashboard import dashboard_router
 from cqrskit.api.forwarding import Forwarder, open_client
@@ -140,11 +140,9 @@ def create_app(
         summary="Commands in, events through a durable stream, queries out.",
         version="0.1.0",
         lifespan=lifespan,
-        # FastAPI's own OpenTelemetry for the request metrics, through the global
-        # providers (looked up per request, so `telemetry.configure` or a test's
-        # provider may come after the app); request_spans makes the span.
-        telemetry={"tracing": False, "operation_spans": False, "logs": False,
-                   "exclude": request_spans.untraced},
+        # Off: request_telemetry makes the request's span and metrics for less.
+        telemetry={"tracing": False, "metrics": False, "logs": False,
+                   "operation_spans": False},
     )
     errors.install(app)
     limits.install(app)
@@ -155,7 +153,7 @@ def create_app(
     if cors is not None:
         app.add_middleware(CORSMiddleware, **cors)  # type: ignore[arg-type]
     headers.install(app, settings)
-    request_spans.install(app)
+    request_telemetry.install(app)
     auth = Authenticator(settings)
     # Authentication, then the caller's rate limit; only where clients call in: the
     # handler services behind an API would see every caller as the API's address.
