@@ -7,7 +7,7 @@ values and datetimes), so each store passes how to decode those two.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from cqrskit.messages import Envelope
@@ -32,6 +32,27 @@ def envelope_of(
         row[0], row[1], row[2], row[3], row[4], row[5], row[6],
         json(row[7]), json(row[8]), timestamp(row[9]),
     )
+
+
+def text_envelopes_of(
+    rows: Iterable[Sequence[Any]], json: Callable[[Any], Any]
+) -> list[Envelope]:
+    """Envelopes from rows of EVENT_COLUMNS whose `recorded_at` is already text.
+
+    The same as `envelope_of` row by row, in one comprehension: a rebuild decodes
+    every event of the log, and a call and ten index operations per row cost about
+    a tenth of decoding it.
+    """
+    return [
+        Envelope(
+            event_id, stream_id, stream_type, version, position, type_, schema_version,
+            json(data), json(metadata), recorded_at,
+        )
+        for (
+            event_id, stream_id, stream_type, version, position, type_, schema_version,
+            data, metadata, recorded_at,
+        ) in rows
+    ]
 
 
 def dead_letter_of(

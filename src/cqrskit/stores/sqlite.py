@@ -48,7 +48,12 @@ from cqrskit.stores.queries import (
     known_collection,
     page_rows,
 )
-from cqrskit.stores.rows import DEAD_LETTER_COLUMNS, EVENT_COLUMNS, dead_letter_of, envelope_of
+from cqrskit.stores.rows import (
+    DEAD_LETTER_COLUMNS,
+    EVENT_COLUMNS,
+    dead_letter_of,
+    text_envelopes_of,
+)
 from cqrskit.stores.unit_of_work import BufferedUnitOfWork
 
 log = logging.getLogger(__name__)
@@ -216,7 +221,7 @@ def _migrate(path: Path, migrations: Sequence[str]) -> None:
 
 
 # JSON is stored as text and times as ISO strings.
-_envelope = partial(envelope_of, json=orjson.loads, timestamp=str)
+_envelopes = partial(text_envelopes_of, json=orjson.loads)
 _dead_letter = partial(dead_letter_of, json=orjson.loads, timestamp=str)
 
 
@@ -249,22 +254,20 @@ class SqliteEventStore:
 
     async def read_stream(self, stream_id: str) -> list[Envelope]:
         def work(conn: sqlite3.Connection) -> list[Envelope]:
-            rows = conn.execute(
+            return _envelopes(conn.execute(
                 f"SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = ? ORDER BY version",  # nosec B608 # fixed column lists and checked collection names; values are ? parameters
                 (stream_id,),
-            ).fetchall()
-            return [_envelope(row) for row in rows]
+            ).fetchall())
 
         return await self.db.read(work)
 
     async def read_all(self, after: int, limit: int) -> list[Envelope]:
         def work(conn: sqlite3.Connection) -> list[Envelope]:
-            rows = conn.execute(
+            return _envelopes(conn.execute(
                 f"SELECT {EVENT_COLUMNS} FROM events WHERE position > ? "  # nosec B608 # fixed column lists and checked collection names; values are ? parameters
                 "ORDER BY position LIMIT ?",
                 (after, limit),
-            ).fetchall()
-            return [_envelope(row) for row in rows]
+            ).fetchall())
 
         return await self.db.read(work)
 
