@@ -4,9 +4,12 @@ The event log is the outbox: a command's events are durable once appended, and
 the relay carries them to the stream afterwards. It reads a batch after its
 saved position, publishes it, and saves the batch's last position only once
 `Stream.publish` returned, i.e. once the broker acknowledged every event. So the
-saved position never passes an unpublished event. A crash between publish and
-save sends the batch again on restart; the broker drops the copies by event id,
-and subscribers drop what they have seen by position.
+saved position never passes an unpublished event. The save runs while the next
+batch is read and published (one save at a time, each awaited before the next
+starts or the relay goes idle), so the saved position may trail the broker by a
+batch. A crash between publish and save sends the batch again on restart; the
+broker drops the copies by event id, and subscribers drop what they have seen by
+position.
 
 When publishing fails (the broker is down), the relay logs, waits (doubling, up
 to a cap) and sends the same batch again, for as long as it takes: events are
@@ -31,6 +34,9 @@ from cqrskit.ports import EventStore, RelayState, Stream
 from cqrskit.telemetry import batch_span, events_published
 
 log = logging.getLogger(__name__)
+
+# How long a relay that stops leading waits for its position save in flight.
+SAVE_GRACE_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +71,8 @@ class Relay:
         self.position = 0
         self.leading = False
         self.failed_publishes = 0
+        # The position save in flight, overlapping the next read and publish.
+        self._saving: asyncio.Future[None] | None = None
 
     async def run(self) -> None:
         """Lead and relay, forever; recover from store failures by competing again."""
@@ -88,21 +96,50 @@ class Relay:
     async def _follow(self) -> None:
         self.position = await self.state.position()
         log.info("relay leading; publishing the event log after position %d", self.position)
-        while True:
-            await self.step()
+        try:
+            while True:
+                await self.step()
+        finally:
+            await self._settle_save()
 
     async def step(self) -> int:
-        """Publish the next batch after `position` (or wait for one); return the position."""
+        """Publish the next batch after `position` (or wait for one); return the position.
+
+        The batch's position is saved in the background while the next step reads and
+        publishes; a step that finds nothing new waits for that save first.
+        """
         batch = await self.store.read_all(self.position, self.batch_size)
         if not batch:
+            await self._saved()
             await self.store.wait_for_append(self.position, self.idle_wait)
             return self.position
         with batch_span("relay publish", batch, {}):
             await self._publish(batch)
         events_published.add(len(batch))
-        await self.state.save(batch[-1].position)
+        await self._saved()  # one save at a time; a failed one fails this step
+        self._saving = asyncio.ensure_future(self.state.save(batch[-1].position))
         self.position = batch[-1].position
         return self.position
+
+    async def _settle_save(self) -> None:
+        """Leaving (a store failure, deposed, stopped): give the save in flight a moment,
+        so that the next leader need not publish its batch again; a save not made only
+        means that."""
+        saving, self._saving = self._saving, None
+        if saving is None:
+            return
+        done, _ = await asyncio.wait({saving}, timeout=SAVE_GRACE_SECONDS)
+        if not done:
+            saving.cancel()
+        elif not saving.cancelled() and (error := saving.exception()) is not None:
+            log.warning("relay: saving position %d failed: %s", self.position,
+                        _describe(error))
+
+    async def _saved(self) -> None:
+        """Wait for the save in flight, if any; raise its error."""
+        saving, self._saving = self._saving, None
+        if saving is not None:
+            await saving
 
     async def _publish(self, batch: Sequence[Envelope]) -> None:
         """Publish until the broker acknowledged the whole batch."""

@@ -23,7 +23,6 @@ from typing import Any
 
 import orjson
 import pytest
-from nats.js.errors import NotFoundError
 
 from cqrskit.messages import Envelope
 from integration.nats_helpers import PrivateNatsServer, require_nats_binary
@@ -32,7 +31,6 @@ from .harness import wait_until
 from .topology import (
     NATS_HOST,
     NATS_PORT,
-    PARTITIONS,
     PROJECTIONS,
     Topology,
     assert_commands_accepted_through_a_broker_outage,
@@ -73,27 +71,23 @@ def shared_nats(require_service: Any) -> None:
 
 
 def _in_flight(topology: Topology) -> dict[str, tuple[int, int]]:
-    """Durable consumers whose last delivered event is beyond the projection's
-    checkpoint: consumer → (delivered position, checkpoint)."""
+    """Durable consumers (one per partition, for all projections) whose last delivered
+    event is beyond a projection's checkpoint: consumer → (delivered position,
+    the lowest checkpoint of its partition)."""
     checkpoints = topology.checkpoints()
 
     async def read(js: Any) -> dict[str, tuple[int, int]]:
         found = {}
-        for projection in PROJECTIONS:
-            for partition in range(PARTITIONS):
-                name = f"{projection}-{partition}"
-                try:
-                    info = await js.consumer_info(topology.stream, name)
-                except NotFoundError:
-                    continue  # killed before this runner made its consumer
-                seq = info.delivered.stream_seq
-                if not seq:
-                    continue
-                message = await js.get_msg(topology.stream, seq)
-                delivered = Envelope.from_dict(orjson.loads(message.data))
-                done = checkpoints.get((projection, partition), 0)
-                if delivered.position > done:
-                    found[name] = (delivered.position, done)
+        for info in await js.consumers_info(topology.stream):
+            seq = info.delivered.stream_seq
+            if not seq or not info.config.filter_subject:
+                continue
+            partition = int(info.config.filter_subject.rpartition(".")[2])
+            message = await js.get_msg(topology.stream, seq)
+            delivered = Envelope.from_dict(orjson.loads(message.data))
+            done = min(checkpoints.get((p, partition), 0) for p in PROJECTIONS)
+            if delivered.position > done:
+                found[info.name] = (delivered.position, done)
         return found
 
     result: dict[str, tuple[int, int]] = topology.nats_call(read)

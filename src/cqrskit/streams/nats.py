@@ -109,6 +109,9 @@ EPHEMERAL_IDLE_SECONDS = 300.0
 # subscriber checks its connection this often.
 _PULL_EXPIRES_SECONDS = 5.0
 _PULL_CHECK_SECONDS = 0.25
+# How long after its expiry a lingering request that brought messages is taken as
+# ended when no status came (see `_Puller.take`).
+_PULL_SILENT_END_SECONDS = 0.5
 
 
 # The URL's query parameters and how each is read.
@@ -561,7 +564,10 @@ class _Puller:
       status), so a batch is everything that was there, as with `fetch`;
     - when such a request found nothing, a lingering request waits (up to
       `_PULL_EXPIRES_SECONDS`) and `take` returns from its first message on, so a
-      quiet stream adds no latency.
+      quiet stream adds no latency;
+    - a lingering request that brought messages is over once it expired, with or
+      without the broker's 408; one that brought nothing and got no answer at all
+      means the consumer is gone.
     """
 
     def __init__(self, link: _Link, url: NatsUrl, consumer: str) -> None:
@@ -580,6 +586,7 @@ class _Puller:
         self.brought = 0
         self.found_nothing = False
         self.expires_at = 0.0
+        self.silent_end = 0.0
         self.error: Unavailable | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._closed_watch: asyncio.Future[Any] | None = None
@@ -612,6 +619,11 @@ class _Puller:
                 raise self.error
             if self.link.client.is_closed:
                 raise Unavailable(f"NATS at {self.url.address}: the connection was closed")
+            if self.open and self.brought and loop.time() > self.silent_end:
+                # NATS 2.9 sometimes ends a lingering request that delivered messages at
+                # its expiry without the 408 (seen under load at 50-100 events/s): it
+                # ended all the same, so ask again rather than fail the subscriber.
+                self._ended()
             if self.open and loop.time() > self.expires_at:
                 # The broker ends every request it holds with a status: this one was
                 # dropped, as happens to requests for a consumer deleted meanwhile.
@@ -659,6 +671,9 @@ class _Puller:
         self.brought = 0
         # By then the broker has ended the request, unless it dropped it.
         self.expires_at = loop.time() + _PULL_EXPIRES_SECONDS + 2.0
+        # A lingering request that brought messages has surely ended by then.
+        self.silent_end = (loop.time() + _PULL_EXPIRES_SECONDS + _PULL_SILENT_END_SECONDS
+                           if self.lingering else self.expires_at)
 
     def _ended(self) -> None:
         self.open = False
