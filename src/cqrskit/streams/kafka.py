@@ -11,7 +11,7 @@ URLs:
 |---|---|---|
 | `topic` | `cqrskit-events` | the topic (on Event Hubs: the event hub), created if missing |
 | `partitions` | `8` | partition = crc32(stream id) mod this; Kafka partition N = ours |
-| `group` | `cqrskit` | prefix of the consumer groups: `<group>.<projection>` |
+| `group` | `cqrskit` | prefix of the consumer groups: `<group>.<consumer>` (see below) |
 | `batch` | `256` | most events a subscriber takes at once |
 | `batch_bytes` | `65536` | most bytes of one partition's events per produce request |
 | `idempotence` | `true` | Kafka's idempotent producer (`false` where the broker refuses it) |
@@ -39,8 +39,9 @@ retry after a failure is a new session. Subscribers drop the copies by position
 
 Subscribing. A subscriber reads one partition through `assign()`: the partition
 leases decide who reads what, so Kafka's group rebalancing is not used, and the
-consumer group only keeps offsets (`<group>.<projection>`, the partition being
-Kafka's own key; the consumer name `<projection>-<partition>` loses its suffix).
+consumer group only keeps offsets (`<group>.<consumer>`, the partition being
+Kafka's own key; the consumer name `<consumer>-<partition>` loses its suffix; the
+update processor's consumer is `views-<crc32 of its projection names>`).
 It starts at the group's committed offset, or at the beginning of the partition;
 the caller's checkpoint (`after`) is the truth and the offset only a hint: what
 is at or below `after` is dropped. If the record just before the committed
@@ -170,11 +171,11 @@ def _unavailable(url: KafkaUrl, doing: str, error: BaseException) -> Unavailable
 
 
 def group_of(url: KafkaUrl, consumer: str, partition: int) -> str:
-    """The consumer group of a durable subscriber: one per projection.
+    """The consumer group of a durable subscriber: one per consumer, whatever its partitions.
 
     Kafka keys committed offsets by group, topic and partition, so the partition
-    needs no group of its own: `records-3` on partition 3 commits in
-    `<group>.records`. Fewer groups also keep within Event Hubs' quotas.
+    needs no group of its own: `views-1a2b3c4d-3` on partition 3 commits in
+    `<group>.views-1a2b3c4d`. Fewer groups also keep within Event Hubs' quotas.
     """
     suffix = f"-{partition}"
     base = consumer[: -len(suffix)] if consumer.endswith(suffix) else consumer
