@@ -89,6 +89,11 @@ class Settings(BaseSettings):
         description="serve /metrics on this port in a role without HTTP (update-processor, "
         "relay)",
     )
+    gc_threshold: int = Field(
+        default=10_000, ge=0, le=1_000_000,
+        description="new objects between the garbage collector's youngest-generation runs in "
+        "a server process (Python's default: 700); 0 leaves the collector as Python sets it",
+    )
     status_interval: float = Field(
         default=1.0, gt=0, le=60,
         description="seconds between reads of the pipeline status (lag, dead letters) for the "
