@@ -199,14 +199,36 @@ def _batch_span(
     span = tracer.start_span(name, context=context_of(envelopes[0].metadata),
                              attributes=attributes)
     if span.is_recording():
-        # Only a span that is kept gets links: each one reads an event's trace context
-        # back from its metadata, work wasted on the batches a sampler drops.
-        for envelope in envelopes[1 : MAX_LINKS + 1]:
-            linked = trace.get_current_span(context_of(envelope.metadata)).get_span_context()
-            if linked.is_valid:
-                span.add_link(linked)
-    with trace.use_span(span, end_on_exit=True):
+        _link(span, envelopes[1:])
+    # attach and detach rather than use_span: the same, minus a generator-based
+    # context manager per batch.
+    token = otel_context.attach(trace.set_span_in_context(span))
+    try:
         yield span
+    except BaseException as error:
+        span.record_exception(error)
+        span.set_status(StatusCode.ERROR, f"{type(error).__name__}: {error}")
+        raise
+    finally:
+        otel_context.detach(token)
+        span.end()
+
+
+def _link(span: Span, envelopes: Sequence[Envelope]) -> None:
+    """Link the span to the traces of up to MAX_LINKS of the events, those that were
+    sampled: a trace that was not has no span to link to, and reading each event's
+    trace context back from its metadata is the costly part."""
+    links = 0
+    for envelope in envelopes:
+        traceparent = envelope.metadata.get("traceparent")
+        if isinstance(traceparent, str) and traceparent.endswith("-00"):
+            continue
+        linked = trace.get_current_span(context_of(envelope.metadata)).get_span_context()
+        if linked.is_valid:
+            span.add_link(linked)
+            links += 1
+            if links == MAX_LINKS:
+                return
 
 
 # ------------------------------------------------------- lag, from status snapshots

@@ -219,7 +219,15 @@ def test_a_batch_span_continues_its_first_event_and_links_the_others(
     assert recorded.parent is not None and recorded.parent.span_id == first.span_id
     assert [link.context.span_id for link in recorded.links] == [c.span_id for c in others]
 
+    # An event whose trace was not sampled gets no link: there is no span to link to.
     unsampled = {"traceparent": f"00-{first.trace_id:032x}-{first.span_id:016x}-00"}
+    spans.clear()
+    with telemetry.batch_span("update views test",
+                              [batch[0], replace(batch[1], metadata=unsampled), batch[2]], {}):
+        pass
+    [recorded] = [s for s in spans.get_finished_spans() if s.name == "update views test"]
+    assert [link.context.span_id for link in recorded.links] == [others[1].span_id]
+
     spans.clear()
     with telemetry.batch_span("update views test", [replace(batch[0], metadata=unsampled),
                                                    *batch[1:]], {}):
