@@ -20,9 +20,11 @@ from cqrskit.ports import EventStore
 # A subscriber also polls, so that appends made by another process (a CLI, a
 # second server on the same file) are seen without a notification.
 POLL_SECONDS = 0.5
-# Recent reads kept for other subscribers at the same position; enough for a few
-# projections a batch or two apart.
-RECENT_READS = 16
+# Recent reads kept for other subscribers at the same position. The update processor
+# reads once per partition for all its projections, so sharing is for the odd second
+# subscriber (a rebuild beside it, another processor); each read holds up to a batch
+# of envelopes in memory (16 of them were 40 MiB in a rebuild).
+RECENT_READS = 2
 
 
 class EmbeddedStream:
