@@ -37,16 +37,24 @@ async def test_a_lingering_request_that_brought_events_then_expired_is_renewed(
     stream: NatsStream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(nats_stream, "_PULL_EXPIRES_SECONDS", 1.0)
-    count = 10
+    # Slower than a request lasts: each lingering request brings a few, then expires.
+    got = await _trickled(stream, "trickle", count=10, interval=0.4)
+    assert [e.position for e in got] == list(range(1, 11))
+
+
+async def _trickled(
+    stream: NatsStream, consumer: str, *, count: int, interval: float
+) -> list[Envelope]:
+    """Publish `count` events one at a time, `interval` s apart, while a subscriber
+    takes them; what it got (each batch within 5 s, or the test fails)."""
     got: list[Envelope] = []
 
     async def trickle() -> None:
-        # Slower than a request lasts: each lingering request brings a few, then expires.
         for position in range(1, count + 1):
             await stream.publish(make_envelopes(1, first=position))
-            await asyncio.sleep(0.4)
+            await asyncio.sleep(interval)
 
-    batches = stream.subscribe(0, 1, 0, consumer="trickle")
+    batches = stream.subscribe(0, 1, 0, consumer=consumer)
     async with contextlib.aclosing(batches):
         publishing = asyncio.create_task(trickle())
         try:
@@ -55,7 +63,7 @@ async def test_a_lingering_request_that_brought_events_then_expired_is_renewed(
         finally:
             publishing.cancel()
             await asyncio.gather(publishing, return_exceptions=True)
-    assert [e.position for e in got] == list(range(1, count + 1))
+    return got
 
 
 async def test_a_lingering_request_that_expired_without_a_status_is_renewed(
@@ -77,23 +85,7 @@ async def test_a_lingering_request_that_expired_without_a_status_is_renewed(
         await receive(puller, msg)
 
     monkeypatch.setattr(nats_stream._Puller, "_on_msg", without_408)
-    count = 12
-    got: list[Envelope] = []
-
-    async def trickle() -> None:
-        for position in range(1, count + 1):
-            await stream.publish(make_envelopes(1, first=position))
-            await asyncio.sleep(0.3)
-
-    batches = stream.subscribe(0, 1, 0, consumer="silent")
-    async with contextlib.aclosing(batches):
-        publishing = asyncio.create_task(trickle())
-        try:
-            while len(got) < count:
-                # Without the fix: Unavailable ("got no answer") 3 s into a request.
-                got.extend(await asyncio.wait_for(anext(aiter(batches)), 5))
-        finally:
-            publishing.cancel()
-            await asyncio.gather(publishing, return_exceptions=True)
-    assert [e.position for e in got] == list(range(1, count + 1))
+    # Without the fix: Unavailable ("got no answer") 3 s into a request.
+    got = await _trickled(stream, "silent", count=12, interval=0.3)
+    assert [e.position for e in got] == list(range(1, 13))
     assert dropped >= 2  # the case did happen, more than once
