@@ -149,11 +149,11 @@ def step_span(name: str, attributes: dict[str, Any]) -> AbstractContextManager[A
     return tracer.start_as_current_span(name, attributes=attributes)
 
 
-def unsampled_traceparent(metadata: Mapping[str, Any]) -> bool:
-    """Whether an event's stored trace context says its trace was not sampled (so the
-    spans of its processing would be dropped), read without parsing the context."""
+def _unsampled(metadata: Mapping[str, Any]) -> bool:
+    """Whether an event's stored trace context says its trace was not sampled, read
+    without parsing the context (the W3C trace flags end the `traceparent`)."""
     value = metadata.get("traceparent")
-    return isinstance(value, str) and value.endswith("-00") and _follows_parent()
+    return isinstance(value, str) and value.endswith("-00")
 
 
 def _follows_parent() -> bool:
@@ -184,8 +184,10 @@ def batch_span(
 ) -> AbstractContextManager[Any]:
     """A span for work on a batch of events, in the trace of the batch's first event
     and linked to the traces of the next few (spans have one parent, but many links)."""
-    if not tracing() or not envelopes or unsampled_traceparent(envelopes[0].metadata):
+    if not tracing() or not envelopes:
         return nullcontext()
+    if _unsampled(envelopes[0].metadata) and _follows_parent():
+        return nullcontext()  # its spans would be dropped
     return _batch_span(name, envelopes, attributes)
 
 
@@ -220,8 +222,7 @@ def _link(span: Span, envelopes: Sequence[Envelope]) -> None:
     trace context back from its metadata is the costly part."""
     links = 0
     for envelope in envelopes:
-        traceparent = envelope.metadata.get("traceparent")
-        if isinstance(traceparent, str) and traceparent.endswith("-00"):
+        if _unsampled(envelope.metadata):
             continue
         linked = trace.get_current_span(context_of(envelope.metadata)).get_span_context()
         if linked.is_valid:
