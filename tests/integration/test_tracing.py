@@ -177,6 +177,11 @@ async def test_metrics_move_with_commands_and_lag(api: httpx.AsyncClient, tmp_pa
     assert not [labels for labels in timed if ("http_route", "/metrics") in labels]
     assert (await metric("http_server_active_requests"))[
         (("http_request_method", "POST"), ("url_scheme", "http"))] == 0
+    # A method the client made up is recorded as _OTHER, not as a new label value.
+    assert (await api.request("PROPFIND", "/api/command/insert")).status_code == 405
+    methods = {dict(labels)["http_request_method"]
+               for labels in await metric("http_server_request_duration_seconds_count")}
+    assert "_OTHER" in methods and "PROPFIND" not in methods
     assert sum((await metric("cqrskit_command_duration_seconds_count")).values()) >= 4
 
     # No update processor runs: the lag builds up to the 3 events, for each projection.

@@ -30,6 +30,11 @@ from cqrskit import telemetry
 # Probes, scrapes, the status stream and the dashboard's files: no span, no metrics.
 UNTRACED = ("/healthz", "/readyz", "/metrics", "/api/status", "/dashboard")
 _CONTEXT_HEADERS = (b"traceparent", b"tracestate", b"baggage")
+# Any other method a client sends is `_OTHER`, as the conventions say: metric
+# attributes must not take values a client makes up.
+KNOWN_METHODS = frozenset(
+    ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
+)
 # FastAPI's boundaries (seconds), which the HTTP semantic conventions advise.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                     7.5, 10.0)
@@ -67,11 +72,12 @@ class RequestTelemetry:
         if scope["type"] != "http" or untraced(scope):
             await self.app(scope, receive, send)
             return
-        method, scheme = scope["method"], scope.get("scheme", "http")
+        method = scope["method"] if scope["method"] in KNOWN_METHODS else "_OTHER"
+        scheme = scope.get("scheme", "http")
         span = token = None
         if telemetry.tracing():
             span = telemetry.tracer.start_span(
-                method, context=_remote_parent(scope), kind=SpanKind.SERVER,
+                _span_method(method), context=_remote_parent(scope), kind=SpanKind.SERVER,
                 attributes={"http.request.method": method, "url.path": scope["path"]},
             )
             token = otel_context.attach(trace.set_span_in_context(span))
@@ -93,7 +99,7 @@ class RequestTelemetry:
             raise
         finally:
             _in_flight[method, scheme] -= 1
-            attributes = _attributes(scope, status, failure)
+            attributes = _attributes(scope, method, status, failure)
             request_duration.record(time.perf_counter() - started, attributes)
             if token is not None:
                 otel_context.detach(token)
@@ -101,6 +107,10 @@ class RequestTelemetry:
                 if span.is_recording():
                     _describe(span, scope, attributes, failure)
                 span.end()
+
+
+def _span_method(method: str) -> str:
+    return "HTTP" if method == "_OTHER" else method
 
 
 def _remote_parent(scope: Scope) -> Any:
@@ -111,11 +121,13 @@ def _remote_parent(scope: Scope) -> Any:
     return propagate.extract(found) if found else None
 
 
-def _attributes(scope: Scope, status: int, failure: BaseException | None) -> dict[str, Any]:
+def _attributes(
+    scope: Scope, method: str, status: int, failure: BaseException | None
+) -> dict[str, Any]:
     """The attributes the duration is recorded with, as FastAPI's: a 5xx, an exception
     or no answer at all is an `error.type`."""
     attributes: dict[str, Any] = {
-        "http.request.method": scope["method"],
+        "http.request.method": method,
         "url.scheme": scope.get("scheme", "http"),
         "network.protocol.version": scope.get("http_version", "1.1"),
     }
@@ -137,8 +149,10 @@ def _describe(
     """The rest of the HTTP semantic-convention attributes, on a span that is kept."""
     route = attributes.get("http.route")
     if route is not None:
-        span.update_name(f"{scope['method']} {route}")
+        span.update_name(f"{_span_method(attributes['http.request.method'])} {route}")
     extra: dict[str, Any] = {}
+    if attributes["http.request.method"] != scope["method"]:
+        extra["http.request.method_original"] = scope["method"]
     if scope.get("query_string"):
         extra["url.query"] = scope["query_string"].decode("latin-1")
     server = scope.get("server")
