@@ -41,9 +41,10 @@ class Ledger:
     projection: Any  # the registered Entries instance: .broken, .calls
 
 
-def make_ledger() -> Ledger:
+def make_ledger(*, healthy_twin: bool = False) -> Ledger:
     """A fresh domain per test: `add` appends a value to an entry; the `entries`
-    projection raises on events with fail=True while `projection.broken` is set."""
+    projection raises on events with fail=True while `projection.broken` is set. With
+    `healthy_twin`, a `tally` projection also appends every value and never fails."""
     domain = Domain("ledger")
 
     class Add(Command):
@@ -93,6 +94,20 @@ def make_ledger() -> Ledger:
             doc["values"].append(event.value)
             doc["versions"].append(envelope.version)
             views.put("entries", envelope.stream_id, doc)
+
+    if healthy_twin:
+        @domain.projection
+        class Tally(Projection):
+            name = "tally"
+            collections = (Collection("tally"),)
+
+            @projects(Added)
+            def added(self, event: Added, envelope: Envelope, views: ViewWriter) -> None:
+                doc = views.get("tally", envelope.stream_id) or {
+                    "id": envelope.stream_id, "values": []
+                }
+                doc["values"].append(event.value)
+                views.put("tally", envelope.stream_id, doc)
 
     registry = Registry([domain])
     return Ledger(registry, Add, registry.projection("entries"))

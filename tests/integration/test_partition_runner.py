@@ -4,13 +4,14 @@ event still gets its retries and dead letter, and the others apply the event."""
 
 import asyncio
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import nats
 import pytest
 from integration_helpers import (
     OpenRuntime,
     all_docs,
+    make_ledger,
     records_view,
     replay_records,
     replay_statistics,
@@ -28,104 +29,41 @@ from nats_helpers import (
     wait_until,
 )
 
-from cqrskit.aggregate import Aggregate, decides, evolves
 from cqrskit.command_handler import CommandHandler
 from cqrskit.domains import records
-from cqrskit.messages import Command, ConsistencyToken, Envelope, Event, Identifier
-from cqrskit.ports import Collection, ViewWriter
-from cqrskit.registry import Domain, Projection, Registry, projects
+from cqrskit.messages import ConsistencyToken
+from cqrskit.registry import Registry
 from cqrskit.relay import Relay
 from cqrskit.stores.sqlite import SqliteEventStore, SqliteRelayState, SqliteViewStore
 from cqrskit.streams.nats import NatsStream
 from cqrskit.update_processor import UpdateProcessor
 
 
-def two_projections() -> tuple[Registry, type[Command], Any]:
-    """A domain whose `notes` command feeds two projections: `plain` applies every
-    event, `picky` raises on events with fail=True."""
-    domain = Domain("notes")
-
-    class Note(Command):
-        name: ClassVar[str] = "note"
-        creates: ClassVar[bool] = True
-        id: Identifier
-        text: str
-        fail: bool = False
-
-    class Noted(Event):
-        text: str
-        fail: bool = False
-
-    @domain.aggregate
-    class Pad(Aggregate):
-        stream_type = "pad"
-
-        @decides(Note)
-        def note(self, command: Note) -> list[Event]:
-            return [Noted(text=command.text, fail=command.fail)]
-
-        @evolves(Noted)
-        def noted(self, event: Noted) -> None:
-            pass
-
-    def texts(views: ViewWriter, collection: str, envelope: Envelope, text: str) -> None:
-        doc = views.get(collection, envelope.stream_id) or {"id": envelope.stream_id, "texts": []}
-        doc["texts"].append(text)
-        views.put(collection, envelope.stream_id, doc)
-
-    @domain.projection
-    class Plain(Projection):
-        name = "plain"
-        collections = (Collection("plain"),)
-
-        @projects(Noted)
-        def noted(self, event: Noted, envelope: Envelope, views: ViewWriter) -> None:
-            texts(views, "plain", envelope, event.text)
-
-    @domain.projection
-    class Picky(Projection):
-        name = "picky"
-        collections = (Collection("picky"),)
-
-        def __init__(self) -> None:
-            self.calls: list[int] = []  # positions, one per attempt
-
-        @projects(Noted)
-        def noted(self, event: Noted, envelope: Envelope, views: ViewWriter) -> None:
-            self.calls.append(envelope.position)
-            if event.fail:
-                raise RuntimeError(f"picky refuses {envelope.stream_id} v{envelope.version}")
-            texts(views, "picky", envelope, event.text)
-
-    registry = Registry([domain])
-    return registry, Note, registry.projection("picky")
-
-
 @pytest.mark.parametrize("attempts", [1, 3])
 async def test_a_projection_failing_in_the_shared_unit_is_retried_and_parks_alone(
     open_rt: OpenRuntime, attempts: int
 ) -> None:
-    registry, note, picky = two_projections()
-    rt = await open_rt(registry, retry_attempts=attempts)
+    ledger = make_ledger(healthy_twin=True)
+    rt = await open_rt(ledger.registry, retry_attempts=attempts)
     # Appended before the processor starts, so that they come as one batch.
-    plan = [("a", "1", False), ("a", "2", True), ("b", "1", False), ("a", "3", False)]
-    results = [await rt.commands.handle(note(id=s, text=t, fail=f)) for s, t, f in plan]
+    plan = [("a", 1, False), ("a", 2, True), ("b", 1, False), ("a", 3, False)]
+    results = [await rt.commands.handle(ledger.add(id=s, value=v, fail=f)) for s, v, f in plan]
     rt.processor.start()
     token = ConsistencyToken.decode(results[-1].consistency_token)
-    assert await rt.checkpoints.wait(["plain", "picky"], token, timeout=10)
+    assert await rt.checkpoints.wait(["tally", "entries"], token, timeout=10)
 
     failing = results[1].position
     # The attempt in the shared unit was the first of `attempts`, not an extra one.
-    assert picky.calls.count(failing) == attempts
-    plain = {d["id"]: d["texts"] for d in await all_docs(rt.views, "plain")}
-    kept = {d["id"]: d["texts"] for d in await all_docs(rt.views, "picky")}
-    assert plain == {"a": ["1", "2", "3"], "b": ["1"]}  # the healthy one applied it all
-    assert kept == {"a": ["1"], "b": ["1"]}  # stream a stopped before its failing event
-    letters = await rt.views.list_dead_letters("picky")
+    assert ledger.projection.calls.count(failing) == attempts
+    tally = {d["id"]: d["values"] for d in await all_docs(rt.views, "tally")}
+    kept = {d["id"]: d["values"] for d in await all_docs(rt.views, "entries")}
+    assert tally == {"a": [1, 2, 3], "b": [1]}  # the healthy one applied it all
+    assert kept == {"a": [1], "b": [1]}  # stream a stopped before its failing event
+    letters = await rt.views.list_dead_letters("entries")
     assert [(d.stream_id, d.envelope.version, d.is_cause, d.attempts) for d in letters] == [
         ("a", 2, True, attempts), ("a", 3, False, 0),
     ]
-    assert await rt.views.list_dead_letters("plain") == []
+    assert await rt.views.list_dead_letters("tally") == []
 
 
 @pytest.fixture
