@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Mapping
 from typing import Any
 
 from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY, attach, detach, set_value
@@ -23,7 +24,7 @@ from opentelemetry.sdk.metrics.export import MetricExporter, MetricsData
 log = logging.getLogger(__name__)
 
 
-def shareable(environ: os._Environ[str] | dict[str, str] = os.environ) -> bool:
+def shareable(environ: Mapping[str, str] = os.environ) -> bool:
     """Whether OTLP can take the Prometheus reader's aggregation: cumulative sums and
     explicit-bucket histograms, OTLP's defaults. A user asking for delta temporality
     or exponential histograms gets a reader of its own, and pays for it."""

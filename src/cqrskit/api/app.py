@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp
 
 from cqrskit import redaction, telemetry
 from cqrskit.api import errors, headers, limits, request_telemetry
@@ -152,8 +153,11 @@ def create_app(
     cors = headers.cors_options(settings)
     if cors is not None:
         app.add_middleware(CORSMiddleware, **cors)  # type: ignore[arg-type]
-    headers.install(app, settings)
-    request_telemetry.install(app)
+    # Outside every other layer, Starlette's own error handler included, so that the
+    # 500s it writes, and the 413, 429, 504 and CORS answers, get the security headers
+    # and are in the request's span and metrics.
+    _outermost(app, lambda inner: headers.SecurityHeaders(inner, settings))
+    _outermost(app, request_telemetry.RequestTelemetry)
     auth = Authenticator(settings)
     # Authentication, then the caller's rate limit; only where clients call in: the
     # handler services behind an API would see every caller as the API's address.
@@ -184,6 +188,17 @@ def create_app(
         # queries:read (so with auth on, the page shows no figures: docs/security.md).
         app.include_router(dashboard_router(services.status, guard.requires(QUERIES_READ)))
     return app
+
+
+def _outermost(app: FastAPI, wrap: Callable[[ASGIApp], ASGIApp]) -> None:
+    """Wrap the middleware stack the app builds; `add_middleware` would put the layer
+    inside ServerErrorMiddleware, which writes the 500 answers itself."""
+    build = app.build_middleware_stack
+
+    def build_wrapped() -> ASGIApp:
+        return wrap(build())
+
+    setattr(app, "build_middleware_stack", build_wrapped)  # noqa: B010 (mypy: method)
 
 
 def _set_services(

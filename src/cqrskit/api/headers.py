@@ -9,7 +9,6 @@ policy of their own that allows exactly that.
 
 from __future__ import annotations
 
-from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cqrskit.config import Settings
@@ -96,18 +95,3 @@ def cors_options(settings: Settings) -> dict[str, object] | None:
         "allow_credentials": False,
         "max_age": 600,
     }
-
-
-def install(app: FastAPI, settings: Settings) -> None:
-    """Put SecurityHeaders outside every other layer, Starlette's own included.
-
-    `add_middleware` would place it inside ServerErrorMiddleware, which writes the
-    500 answers itself; wrapping the built stack gives those the headers too, along
-    with 413, 429, 504 and CORS preflights.
-    """
-    build = app.build_middleware_stack
-
-    def build_with_headers() -> ASGIApp:
-        return SecurityHeaders(build(), settings)
-
-    setattr(app, "build_middleware_stack", build_with_headers)  # noqa: B010 (mypy: method)

@@ -18,7 +18,6 @@ from collections import Counter
 from collections.abc import Iterable, MutableMapping
 from typing import Any
 
-from fastapi import FastAPI
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.metrics import CallbackOptions, Observation
@@ -163,14 +162,3 @@ def _describe(
         span.record_exception(failure)
     if "error.type" in attributes:
         span.set_status(StatusCode.ERROR)
-
-
-def install(app: FastAPI) -> None:
-    """Put RequestTelemetry outside every other layer, so that it covers the 500s
-    Starlette's outermost error handler writes, and the other layers' work."""
-    build = app.build_middleware_stack
-
-    def build_with_telemetry() -> ASGIApp:
-        return RequestTelemetry(build())
-
-    setattr(app, "build_middleware_stack", build_with_telemetry)  # noqa: B010 (mypy: method)
