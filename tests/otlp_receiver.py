@@ -1,8 +1,9 @@
-"""An OTLP/HTTP receiver on a free port, for tests: decodes every trace export
-(the OTLP protobuf definitions) and keeps the spans with their service's name."""
+"""An OTLP/HTTP receiver on a free port, for tests: keeps every request, and decodes
+every trace export (the OTLP protobuf definitions) into spans with their service's name."""
 
 from __future__ import annotations
 
+import gzip
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,19 +40,30 @@ class ReceivedSpan:
 
 
 class OtlpReceiver:
-    def __init__(self) -> None:
+    """Keeps every POST's path and (unzipped) body in `received`, and decodes the trace
+    exports into `spans`. It answers as an OTLP collector does, or with `answer` (JSON)
+    when standing in for another ingestion endpoint, such as Application Insights'."""
+
+    def __init__(self, answer: bytes | None = None) -> None:
         self._spans: list[ReceivedSpan] = []
+        self.received: list[tuple[str, bytes]] = []
         self._lock = threading.Lock()
         receiver = self
+        content_type = "application/x-protobuf" if answer is None else "application/json"
+        if answer is None:
+            answer = ExportTraceServiceResponse().SerializeToString()
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                if self.path == "/v1/traces":  # metrics and logs: accepted, not kept
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                with receiver._lock:
+                    receiver.received.append((self.path, body))
+                if self.path == "/v1/traces" and content_type == "application/x-protobuf":
                     receiver._take(ExportTraceServiceRequest.FromString(body))
-                answer = ExportTraceServiceResponse().SerializeToString()
                 self.send_response(200)
-                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(answer)))
                 self.end_headers()
                 self.wfile.write(answer)
@@ -85,8 +97,8 @@ class OtlpReceiver:
 
 
 @contextmanager
-def otlp_receiver() -> Iterator[OtlpReceiver]:
-    receiver = OtlpReceiver()
+def otlp_receiver(answer: bytes | None = None) -> Iterator[OtlpReceiver]:
+    receiver = OtlpReceiver(answer)
     thread = threading.Thread(target=receiver.server.serve_forever, daemon=True)
     thread.start()
     try:

@@ -1,14 +1,9 @@
 """Telemetry logic: exporter choice, outcomes, trace context in event metadata."""
 
-import gzip
 import json
 import subprocess
 import sys
 import textwrap
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
@@ -21,6 +16,7 @@ from opentelemetry.trace import get_current_span
 
 from cqrskit import metric_export, telemetry
 from cqrskit.errors import CommandRejected, ConcurrencyConflict, NotFound
+from otlp_receiver import otlp_receiver
 
 
 def test_auto_picks_the_exporter_from_the_standard_variables() -> None:
@@ -92,36 +88,6 @@ def test_azure_monitor_starts_and_stops_without_network(tmp_path: object) -> Non
     assert "Traceback" not in done.stderr, done.stderr
 
 
-@contextmanager
-def _collector(answer: bytes = b"") -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
-    """An HTTP endpoint served here that keeps every POST's path and (unzipped) body,
-    standing in for a collector or App Insights' ingestion; yields its URL and them."""
-    received: list[tuple[str, bytes]] = []
-
-    class Collector(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            if self.headers.get("Content-Encoding") == "gzip":
-                body = gzip.decompress(body)
-            received.append((self.path, body))
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(answer)))
-            self.end_headers()
-            self.wfile.write(answer)
-
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Collector)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", received
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 def _run(script: str, env: dict[str, str], tmp_path: object) -> None:
     """Run `script` in a fresh interpreter (telemetry is set up once per process)."""
     done = subprocess.run(
@@ -136,7 +102,8 @@ def test_azure_monitor_sends_spans_with_their_secrets_redacted(tmp_path: object)
     """Spans go to an ingestion endpoint served here, as Application Insights would get
     them: a secret in an attribute or an exception message arrives as ***."""
     accepted = b'{"itemsReceived": 1, "itemsAccepted": 1, "errors": []}'
-    with _collector(accepted) as (endpoint, received):
+    with otlp_receiver(accepted) as receiver:
+        endpoint, received = receiver.url, receiver.received
         _run("""
             from cqrskit import metric_export, telemetry
             telemetry.configure("azure", "cqrskit-test")
@@ -168,7 +135,8 @@ def test_azure_monitor_sends_spans_with_their_secrets_redacted(tmp_path: object)
 def test_otel_metrics_exporter_none_keeps_metrics_at_the_prometheus_endpoint_only(
     setting: str, exported: bool, tmp_path: object
 ) -> None:
-    with _collector() as (endpoint, received):
+    with otlp_receiver() as receiver:
+        endpoint, received = receiver.url, receiver.received
         _run("""
             from cqrskit import metric_export, telemetry
             telemetry.configure("otlp", "cqrskit-test")
@@ -218,7 +186,8 @@ def _command_sums(bodies: list[bytes]) -> list[float]:
 
 
 def _run_metrics(env: dict[str, str], tmp_path: object) -> tuple[dict[str, list[str]], list[float]]:
-    with _collector() as (endpoint, received):
+    with otlp_receiver() as receiver:
+        endpoint, received = receiver.url, receiver.received
         done = subprocess.run(
             [sys.executable, "-c", textwrap.dedent(METRICS_SCRIPT)],
             env={"PATH": "/usr/bin:/bin", "TMPDIR": str(tmp_path),
@@ -282,7 +251,8 @@ def test_the_sampler_set_up_keeps_that_share_of_new_traces(
     """Configured as a server would be: of 2,000 new traces, about 10% (binomial: within
     5 standard deviations, so that the test fails by chance about once in 3 million runs) or
     all of them are recorded."""
-    with _collector() as (endpoint, _):
+    with otlp_receiver() as receiver:
+        endpoint = receiver.url
         _run("""
             import sys
             from opentelemetry import trace
