@@ -19,7 +19,7 @@ from collections.abc import Iterable, MutableMapping
 from typing import Any
 
 from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
+from opentelemetry import trace
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import SpanKind, StatusCode
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -117,7 +117,7 @@ def _remote_parent(scope: Scope) -> Any:
     Most requests have none, so the propagators run only when one is there."""
     found = {name.decode("latin-1"): value.decode("latin-1")
              for name, value in scope["headers"] if name in _CONTEXT_HEADERS}
-    return propagate.extract(found) if found else None
+    return telemetry.context_of(found) if found else None
 
 
 def _attributes(
